@@ -1,0 +1,454 @@
+"""CIFAR-10/100 held in memory as uint8 tensors, with GPU-side augmentation.
+
+Images stay uint8 on the host; :func:`to_float` and :func:`augment` run on the device (the
+LightningModules call :meth:`CIFARDataModule.on_device` from ``on_after_batch_transfer``).
+The test split is reachable only through :meth:`CIFARDataModule.test_tensors` and
+:meth:`CIFARDataModule.test_dataloader`, which count every access in ``test_accesses``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "DATASETS",
+    "CIFARDataModule",
+    "CIFARSpec",
+    "DataError",
+    "TensorLoader",
+    "augment",
+    "augment_params",
+    "crop_flip",
+    "ensure_cifar",
+    "load_cifar",
+    "split_indices",
+    "to_float",
+]
+
+PAD = 4
+SIZE = 32
+
+
+class DataError(Exception):
+    """A data problem the user can fix; the message is one line naming the setting and the fix."""
+
+
+@dataclass(frozen=True)
+class CIFARSpec:
+    """Where and how an official CIFAR python layout is stored."""
+
+    folder: str
+    url: str
+    md5: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    label_key: str
+    num_classes: int
+    title: str
+
+
+DATASETS: dict[str, CIFARSpec] = {
+    "cifar10": CIFARSpec(
+        folder="cifar-10-batches-py",
+        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        md5="c58f30108f718f92721af3b95e74349a",
+        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+        test_files=("test_batch",),
+        label_key="labels",
+        num_classes=10,
+        title="CIFAR-10",
+    ),
+    "cifar100": CIFARSpec(
+        folder="cifar-100-python",
+        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        md5="eb9058c3a382ffc7106e4002c42a8d85",
+        train_files=("train",),
+        test_files=("test",),
+        label_key="fine_labels",
+        num_classes=100,
+        title="CIFAR-100",
+    ),
+}
+
+
+def _spec(name: str) -> CIFARSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(
+            f"data.name={name!r}: unknown data set; choose one of {', '.join(sorted(DATASETS))} "
+            f"(e.g. data=cifar10)"
+        ) from None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _get(d: dict[Any, Any], key: str) -> Any:
+    """``d[key]`` for pickles read with either str or bytes keys."""
+    if key in d:
+        return d[key]
+    bkey = key.encode()
+    if bkey in d:
+        return d[bkey]
+    raise KeyError(key)
+
+
+def _read_files(folder: Path, files: tuple[str, ...], label_key: str) -> tuple[Tensor, Tensor]:
+    xs, ys = [], []
+    for fname in files:
+        path = folder / fname
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="bytes")
+            data = np.asarray(_get(d, "data"), dtype=np.uint8).reshape(-1, 3, SIZE, SIZE)
+            labels = np.asarray(_get(d, label_key), dtype=np.int64).reshape(-1)
+        except (OSError, pickle.UnpicklingError, EOFError, KeyError, ValueError) as e:
+            raise DataError(
+                f"data.root={folder.parent}: cannot read {path} ({type(e).__name__}: {e}); "
+                f"replace {folder.name}/ with the official python layout"
+            ) from None
+        if len(data) != len(labels):
+            raise DataError(
+                f"data.root={folder.parent}: {path} has {len(data)} images but {len(labels)} labels; "
+                f"replace {folder.name}/ with the official python layout"
+            )
+        xs.append(torch.from_numpy(np.ascontiguousarray(data)))
+        ys.append(torch.from_numpy(labels))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _download(spec: CIFARSpec, root: Path, timeout: float = 20.0) -> None:
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)
+    try:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        download_and_extract_archive(spec.url, str(root), md5=spec.md5)
+    except Exception as e:
+        raise DataError(
+            f"data.root={root}: no {spec.folder}/ found and the download failed (offline? "
+            f"{type(e).__name__}); put the official {spec.title} python layout there, "
+            f"or set RIFT_BN_DATA / data.root to where it is"
+        ) from None
+    finally:
+        socket.setdefaulttimeout(old)
+    if not (root / spec.folder).is_dir():
+        raise DataError(
+            f"data.root={root}: the download did not produce {spec.folder}/; put the official "
+            f"{spec.title} python layout there, or set RIFT_BN_DATA / data.root to where it is"
+        )
+
+
+def ensure_cifar(name: str, root: str | Path, download: bool = True) -> Path:
+    """Return ``root/<folder>``, downloading the official tarball first if it is missing."""
+    spec = _spec(name)
+    root = Path(root).expanduser().resolve()
+    folder = root / spec.folder
+    if folder.is_dir():
+        return folder
+    if not download:
+        raise DataError(
+            f"data.root={root}: no {spec.folder}/ found and data.download=false; put the official "
+            f"{spec.title} python layout there, set RIFT_BN_DATA / data.root to where it is, "
+            f"or set data.download=true"
+        )
+    _download(spec, root)
+    return folder
+
+
+def load_cifar(name: str, root: str | Path, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Load ``(train_x, train_y, test_x, test_y)``: uint8 ``(N,3,32,32)`` images, int64 labels.
+
+    Reads the official python pickles under ``root/<folder>`` as they are (no checksum of the
+    extracted files); downloads the official tarball only when the folder is missing.
+    """
+    spec = _spec(name)
+    folder = ensure_cifar(name, root, download)
+    train_x, train_y = _read_files(folder, spec.train_files, spec.label_key)
+    test_x, test_y = _read_files(folder, spec.test_files, spec.label_key)
+    for y in (train_y, test_y):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
+            raise DataError(
+                f"data.root={folder.parent}: labels in {folder.name}/ fall outside "
+                f"0..{spec.num_classes - 1}; is this {spec.title}? check data.name"
+            )
+    return train_x, train_y, test_x, test_y
+
+
+def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
+    """Seeded split of ``range(n)`` into ``(val_idx, train_idx)``: the first ``val_size`` of a permutation."""
+    if not 0 <= val_size < n:
+        raise DataError(f"data.val_size={val_size}: must be in [0, {n}) for {n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[:val_size], perm[val_size:]
+
+
+# --------------------------------------------------------------------------- device-side transforms
+
+
+def to_float(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 images -> float in [0, 1]."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"to_float expects uint8 images, got {x.dtype} (already converted?)")
+    return x.to(dtype).div_(255)
+
+
+def augment_params(
+    n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Draw per-image ``(top, left, flip)``: crop offsets in ``[0, 2*PAD]`` and flip flags (p=0.5)."""
+    gdev = generator.device if generator is not None else device
+    top = torch.randint(0, 2 * PAD + 1, (n,), generator=generator, device=gdev)
+    left = torch.randint(0, 2 * PAD + 1, (n,), generator=generator, device=gdev)
+    flip = torch.rand(n, generator=generator, device=gdev) < 0.5
+    return top.to(device), left.to(device), flip.to(device)
+
+
+def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
+    """Crop ``x`` (N,C,H,W) at ``(top, left)`` of its ``PAD``-pixel reflect padding; flip where ``flip``."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    ar_h = torch.arange(h, device=x.device)
+    ar_w = torch.arange(w, device=x.device)
+    rows = top[:, None] + ar_h  # (N,H)
+    cols = left[:, None] + torch.where(flip[:, None], ar_w.flip(0), ar_w)  # (N,W)
+    n_idx = torch.arange(n, device=x.device)[:, None, None, None]
+    c_idx = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Random 32x32 crop after 4-pixel reflect padding plus random horizontal flip, for a whole batch."""
+    if x.shape[0] == 0:
+        return x.clone()
+    return crop_flip(x, *augment_params(x.shape[0], x.device, generator))
+
+
+_augment = augment  # CIFARDataModule.on_device has a parameter named ``augment``
+
+
+# --------------------------------------------------------------------------- loader
+
+
+def _dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class TensorLoader:
+    """Batches ``(x[idx], y[idx])`` of in-memory tensors; shards by rank under torch.distributed.
+
+    With ``shuffle`` each epoch uses the permutation seeded by ``seed + epoch``. The epoch is the one
+    given to :meth:`set_epoch` if it was called, else ``epoch_fn()`` if given and not None, else an
+    internal counter that advances on each ``__iter__``. Under a world of size W > 1 (or the
+    ``rank``/``world_size`` overrides) each rank takes the strided shard ``idx[rank::W]`` of the
+    (permuted) indices, padded by wrapping so that all ranks get the same number of batches.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epoch_fn: Callable[[], int | None] | None = None,
+    ) -> None:
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
+        if batch_size < 1:
+            raise DataError(f"batch_size={batch_size}: must be >= 1 (data.batch_size / data.eval_batch_size)")
+        if (rank is None) != (world_size is None):
+            raise ValueError("give both rank and world_size, or neither")
+        if world_size is not None and not 0 <= rank < world_size:  # type: ignore[operator]
+            raise ValueError(f"rank={rank} outside world_size={world_size}")
+        self.x, self.y = x, y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch_fn = epoch_fn
+        self._counter = 0
+        self._epoch: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use ``epoch`` for every following ``__iter__`` (until called again)."""
+        self._epoch = epoch
+
+    def _world(self) -> tuple[int, int]:
+        if self.world_size is not None:
+            return self.rank, self.world_size  # type: ignore[return-value]
+        return _dist_info()
+
+    def _per_rank(self, world: int) -> int:
+        return math.ceil(len(self.x) / world) if len(self.x) else 0
+
+    def __len__(self) -> int:
+        m = self._per_rank(self._world()[1])
+        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+
+    def _next_epoch(self) -> int:
+        if self._epoch is not None:
+            return self._epoch
+        if self.epoch_fn is not None and (e := self.epoch_fn()) is not None:
+            return int(e)
+        e, self._counter = self._counter, self._counter + 1
+        return e
+
+    def indices(self, epoch: int | None = None) -> Tensor | None:
+        """This rank's indices for ``epoch`` (None: in order, everything, no copy needed)."""
+        n = len(self.x)
+        rank, world = self._world()
+        if not self.shuffle and world == 1:
+            return None
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + (epoch or 0))
+            idx = torch.randperm(n, generator=g)
+        else:
+            idx = torch.arange(n)
+        if world > 1 and n:
+            total = self._per_rank(world) * world
+            if total > n:
+                idx = idx.repeat(math.ceil(total / n))[:total]
+            idx = idx[rank::world]
+        return idx
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        epoch = self._next_epoch()
+        idx = self.indices(epoch)
+        bs, nb = self.batch_size, len(self)
+        for b in range(nb):
+            if idx is None:
+                yield self.x[b * bs : (b + 1) * bs], self.y[b * bs : (b + 1) * bs]
+            else:
+                i = idx[b * bs : (b + 1) * bs]
+                yield self.x[i], self.y[i]
+
+
+# --------------------------------------------------------------------------- datamodule
+
+
+class CIFARDataModule(lightning.LightningDataModule):
+    """CIFAR in memory: a seeded selection split (``val``) carved from the official training set.
+
+    The test split is private; use :meth:`test_tensors` / :meth:`test_dataloader`, which increment
+    ``test_accesses``.
+    """
+
+    def __init__(
+        self,
+        name: str = "cifar10",
+        root: str | Path = "data",
+        val_size: int = 1000,
+        train_subset: int | None = None,
+        test_subset: int | None = None,
+        batch_size: int = 128,
+        eval_batch_size: int = 500,
+        seed: int = 0,
+        download: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = _spec(name)
+        for key, val in (("train_subset", train_subset), ("test_subset", test_subset)):
+            if val is not None and val < 1:
+                raise DataError(f"data.{key}={val}: must be >= 1, or null for everything")
+        for key, val in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if val < 1:
+                raise DataError(f"data.{key}={val}: must be >= 1")
+        self.name = name
+        self.root = root
+        self.val_size = val_size
+        self.train_subset = train_subset
+        self.test_subset = test_subset
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.download = download
+        self.num_classes = self.spec.num_classes
+        self.test_accesses = 0
+        self._loaded = False
+        self.train_x: Tensor
+        self.train_y: Tensor
+        self.val_x: Tensor
+        self.val_y: Tensor
+        self._test_x: Tensor
+        self._test_y: Tensor
+
+    def prepare_data(self) -> None:
+        """Download if missing (Lightning runs this on one process before ``setup``)."""
+        ensure_cifar(self.name, self.root, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split once; later calls do nothing."""
+        if self._loaded:
+            return
+        train_x, train_y, test_x, test_y = load_cifar(self.name, self.root, self.download)
+        val_idx, train_idx = split_indices(len(train_x), self.val_size, self.seed)
+        if self.train_subset is not None:
+            train_idx = train_idx[: self.train_subset]
+        self.train_x, self.train_y = train_x[train_idx], train_y[train_idx]
+        self.val_x, self.val_y = train_x[val_idx], train_y[val_idx]
+        if self.test_subset is not None:
+            test_x, test_y = test_x[: self.test_subset], test_y[: self.test_subset]
+        self._test_x, self._test_y = test_x, test_y
+        self._loaded = True
+
+    def _require_setup(self) -> None:
+        if not self._loaded:
+            raise RuntimeError("CIFARDataModule.setup() must run before the data is used")
+
+    def _trainer_epoch(self) -> int | None:
+        trainer = getattr(self, "trainer", None)
+        return None if trainer is None else int(trainer.current_epoch)
+
+    def train_dataloader(self) -> TensorLoader:
+        self._require_setup()
+        return TensorLoader(
+            self.train_x,
+            self.train_y,
+            self.batch_size,
+            shuffle=True,
+            seed=self.seed,
+            epoch_fn=self._trainer_epoch,
+        )
+
+    def val_dataloader(self) -> TensorLoader:
+        self._require_setup()
+        return TensorLoader(self.val_x, self.val_y, self.eval_batch_size)
+
+    def test_tensors(self) -> tuple[Tensor, Tensor]:
+        """The test split ``(x_uint8, y)``; counted in ``test_accesses``."""
+        self._require_setup()
+        self.test_accesses += 1
+        return self._test_x, self._test_y
+
+    def test_dataloader(self) -> TensorLoader:
+        """Unshuffled loader over the test split; counted in ``test_accesses``."""
+        x, y = self.test_tensors()
+        return TensorLoader(x, y, self.eval_batch_size)
+
+    @staticmethod
+    def on_device(
+        x: Tensor, y: Tensor, augment: bool, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Device-side batch preparation: uint8 -> float in [0,1], then crop+flip if ``augment``."""
+        xf = to_float(x)
+        return (_augment(xf, generator) if augment else xf), y

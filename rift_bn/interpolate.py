@@ -1,0 +1,38 @@
+"""Weight-space interpolation between the adversarially trained and the fine-tuned model (RiFT step 3)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+
+def interpolate_state(base: dict[str, Tensor], tuned: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
+    """theta(a) = (1 - a) theta_AT + a theta_FT over parameters and BN buffers.
+
+    Written as two products (not lerp) so that a = 0 and a = 1 return the end points exactly.
+    Integer buffers (``num_batches_tracked``) come from the nearer end point.
+    """
+    out = {}
+    for key, b in base.items():
+        t = tuned[key]
+        if torch.is_floating_point(b):
+            out[key] = (1 - alpha) * b + alpha * t
+        else:
+            out[key] = (t if alpha >= 0.5 else b).clone()
+    return out
+
+
+def choose_alpha(curve: Sequence[dict[str, float]], base_robust_acc: float, tolerance: float) -> dict[str, float]:
+    """Best clean accuracy among the points whose robust accuracy >= base - tolerance (ties: more robust)."""
+    ok = [p for p in curve if p["robust_acc"] >= base_robust_acc - tolerance] or [min(curve, key=lambda p: p["alpha"])]
+    return max(ok, key=lambda p: (p["clean_acc"], p["robust_acc"], -p["alpha"]))
+
+
+def interpolation_curve(
+    base: dict[str, Tensor], tuned: dict[str, Tensor], alphas: Sequence[float],
+    evaluate_state: Callable[[dict[str, Tensor]], dict[str, float]],
+) -> list[dict[str, float]]:
+    """Evaluate theta(a) for every a in ``alphas`` with ``evaluate_state`` (clean and robust accuracy)."""
+    return [{"alpha": float(a), **evaluate_state(interpolate_state(base, tuned, a))} for a in alphas]

@@ -1,0 +1,148 @@
+"""CIFAR architectures with published parameter naming, input normalisation and model selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rift_bn.models.preact_resnet import PreActResNet, PreActResNet18
+from rift_bn.models.resnet import ResNet, ResNet18, Stage
+from rift_bn.models.wide_resnet import WideResNet
+
+__all__ = [
+    "ARCHITECTURES",
+    "CIFAR_MEAN",
+    "CIFAR_STD",
+    "CANDIDATE_KINDS",
+    "Architecture",
+    "Normalize",
+    "NormalizedModel",
+    "PreActResNet",
+    "PreActResNet18",
+    "ResNet",
+    "ResNet18",
+    "Stage",
+    "WideResNet",
+    "build_model",
+    "candidate_modules",
+]
+
+CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
+CIFAR_STD: tuple[float, float, float] = (0.2471, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std``; mean/std are non-persistent buffers (never in a state_dict)."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD) -> None:
+        super().__init__()
+        self.register_buffer(
+            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class NormalizedModel(nn.Module):
+    """``net(normalize(x))`` for images ``x`` in [0, 1]; state_dict keys are ``net.<published name>``."""
+
+    def __init__(
+        self, net: nn.Module, mean: Sequence[float] = CIFAR_MEAN, std: Sequence[float] = CIFAR_STD
+    ) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        """``(prefix, stage)`` in forward order, prefixes relative to this model (``net.layer1.0`` ...)."""
+        return [("normalize", self.normalize)] + [
+            (f"net.{p}" if p else "net", stage) for p, stage in self.net.named_stages()
+        ]
+
+    def stages(self) -> list[nn.Module]:
+        """``[normalize] + net.stages()``: their sequential composition equals ``forward``."""
+        return [self.normalize, *self.net.stages()]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A selectable architecture: ``builder(num_classes, width)`` and its standard width."""
+
+    builder: Callable[[int, int], nn.Module]
+    default_width: int
+    description: str
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "resnet18": Architecture(
+        lambda num_classes, width: ResNet18(num_classes=num_classes, width=width),
+        64,
+        "ResNet-18 (kuangliu naming); width = channels of the first stage",
+    ),
+    "preact_resnet18": Architecture(
+        lambda num_classes, width: PreActResNet18(num_classes=num_classes, width=width),
+        64,
+        "PreAct ResNet-18; width = channels of the first stage",
+    ),
+    "wrn34_10": Architecture(
+        lambda num_classes, width: WideResNet(depth=34, num_classes=num_classes, width=width),
+        10,
+        "WideResNet-34 (TRADES naming); width = widen factor",
+    ),
+}
+
+
+def build_model(name: str, num_classes: int, width: int | None = None) -> NormalizedModel:
+    """Build ``NormalizedModel(<architecture>)``; ``width=None`` gives the architecture's standard width."""
+    arch = ARCHITECTURES.get(name)
+    if arch is None:
+        raise ValueError(f"model={name}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
+    if width is None:
+        width = arch.default_width
+    if width < 1:
+        raise ValueError(f"model.width={width}: must be a positive integer (or null for the standard width)")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes}: must be a positive integer")
+    return NormalizedModel(arch.builder(num_classes, width))
+
+
+CANDIDATE_KINDS: dict[str, type[nn.Module]] = {
+    "conv": nn.Conv2d,
+    "linear": nn.Linear,
+    "bn": nn.BatchNorm2d,
+}
+
+
+def candidate_modules(model: nn.Module, kinds: set[str]) -> list[tuple[str, nn.Module, str]]:
+    """``(name, module, kind)`` for each Conv2d/Linear/BatchNorm2d of ``model.net`` with a kind in ``kinds``.
+
+    Names are relative to ``model.net`` (published naming, no ``net.`` prefix), in ``named_modules`` order.
+    A bare network without ``.net`` is searched directly.
+    """
+    unknown = set(kinds) - set(CANDIDATE_KINDS)
+    if unknown:
+        raise ValueError(
+            f"kinds={sorted(kinds)}: unknown module kind(s) {sorted(unknown)}; "
+            f"choose from {', '.join(CANDIDATE_KINDS)}"
+        )
+    net = model.net if isinstance(model, NormalizedModel) else model
+    out: list[tuple[str, nn.Module, str]] = []
+    for name, module in net.named_modules():
+        for kind, cls in CANDIDATE_KINDS.items():
+            if kind in kinds and isinstance(module, cls):
+                out.append((name, module, kind))
+                break
+    return out

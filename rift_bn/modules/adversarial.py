@@ -1,0 +1,63 @@
+"""PGD adversarial training (Madry et al.) of the base model, keeping the most robust epoch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rift_bn.attacks import PGD
+from rift_bn.modules.common import RobustClassifier
+
+
+class AdversarialTraining(RobustClassifier):
+    """Train on PGD examples (generated in eval mode); remember the weights with the best val robust acc."""
+
+    def __init__(
+        self, model: nn.Module, train_attack: PGD, eval_attack: PGD, num_classes: int, lr: float = 0.1,
+        momentum: float = 0.9, weight_decay: float = 5e-4, milestones: tuple[int, ...] = (100, 105),
+        gamma: float = 0.1, channels_last: bool = False,
+    ) -> None:
+        super().__init__(model, eval_attack, num_classes, channels_last)
+        self.train_attack = train_attack
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.milestones, self.gamma = list(milestones), gamma
+        self.best_robust_acc = -1.0
+        self.best_epoch = 0
+        self.best_state: dict[str, Tensor] | None = None
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        x_adv = self.train_attack(self.model, x, y)
+        logits = self.model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"adversarial training: loss is {loss.item()} at epoch {self.current_epoch}, "
+                                     f"batch {batch_idx}; lower at.lr")
+        acc = (logits.argmax(1) == y).float().mean() * 100
+        self.log_dict({"train/loss": loss, "train/robust_acc": acc}, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
+        return [opt], [sched]
+
+    def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:
+        if robust_acc > self.best_robust_acc:
+            self.best_robust_acc, self.best_epoch = robust_acc, self.current_epoch + 1
+            self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.net.state_dict().items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["best"] = {"robust_acc": self.best_robust_acc, "epoch": self.best_epoch, "state": self.best_state}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        best = checkpoint.get("best", {})
+        self.best_robust_acc = best.get("robust_acc", -1.0)
+        self.best_epoch = best.get("epoch", 0)
+        self.best_state = best.get("state")

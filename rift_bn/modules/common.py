@@ -1,0 +1,70 @@
+"""What every training stage shares: device-side input pipeline, clean + PGD validation, history."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from rift_bn.attacks import PGD
+from rift_bn.data import augment, to_float
+
+
+class RobustClassifier(L.LightningModule):
+    """A wrapped model whose validation reports clean and PGD accuracy (percent) once per epoch.
+
+    Batches arrive as uint8; ``on_after_batch_transfer`` turns them into [0, 1] floats on the
+    training device and augments training batches there (crop + flip, batched).
+    """
+
+    def __init__(self, model: nn.Module, eval_attack: PGD, num_classes: int, channels_last: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.eval_attack = eval_attack
+        self.channels_last = channels_last
+        self.val_clean = MulticlassAccuracy(num_classes, average="micro")
+        self.val_robust = MulticlassAccuracy(num_classes, average="micro")
+        self.history: list[dict[str, float]] = []
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> tuple[Tensor, Tensor]:
+        x, y = batch
+        x = to_float(x)
+        if self.trainer is not None and self.trainer.training:
+            x = augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        with torch.no_grad():
+            self.val_clean.update(self.model(x), y)
+        x_adv = self.eval_attack(self.model, x, y)
+        with torch.no_grad():
+            self.val_robust.update(self.model(x_adv), y)
+
+    def on_validation_epoch_end(self) -> None:
+        clean, robust = 100 * self.val_clean.compute().item(), 100 * self.val_robust.compute().item()
+        self.val_clean.reset()
+        self.val_robust.reset()
+        self.log_dict({"val/clean_acc": clean, "val/robust_acc": robust, "epoch": float(self.current_epoch + 1)})
+        if not self.trainer.sanity_checking:
+            self.history.append({"epoch": self.current_epoch + 1, "clean_acc": clean, "robust_acc": robust})
+            self.on_validation_result(clean, robust)
+
+    def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:
+        """Hook for subclasses (the best-checkpoint tracking of adversarial training)."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["history"] = list(self.history)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.history = list(checkpoint.get("history", []))

@@ -1,0 +1,293 @@
+"""The stages of one run: base model, MRC, selective fine-tuning, interpolation, test report."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from rift_bn import cache
+from rift_bn.attacks import PGD
+from rift_bn.callbacks import ModuleSelection
+from rift_bn.config import pixels
+from rift_bn.data import CIFARDataModule
+from rift_bn.evaluate import evaluate
+from rift_bn.interpolate import choose_alpha, interpolate_state
+from rift_bn.loggers import finish, log_summary, make_logger
+from rift_bn.models import build_model
+from rift_bn.models.checkpoint import file_sha256, load_into, read_state_dict, save_state_dict
+from rift_bn.modules import AdversarialTraining, FineTuning
+from rift_bn.mrc import MRCProtocol, compute_mrc, select_lowest
+
+# Settings that change no number: left out of every cache key.
+NON_RESULT_KEYS = ("logger", "force", "cache_dir", "trainer.progress_bar", "trainer.log_every_n_steps")
+
+
+def make_attack(acfg: DictConfig, prefix: str = "attack") -> PGD:
+    return PGD(eps=pixels(acfg.eps, f"{prefix}.eps"), alpha=pixels(acfg.alpha, f"{prefix}.alpha"),
+               steps=int(acfg.steps), random_start=bool(acfg.random_start), restarts=int(acfg.get("restarts", 1)))
+
+
+@contextmanager
+def seeded(seed: int):
+    """A stage-local RNG stream, so a stage's numbers do not depend on what ran before it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class Run:
+    """Everything a stage needs; built once per job."""
+
+    cfg: DictConfig
+    output_dir: Path
+    device: torch.device
+    dm: CIFARDataModule
+    cache_dir: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    loggers: dict[str, Any] = field(default_factory=dict)  # open experiment loggers by stage
+
+    @property
+    def rank(self) -> int:
+        return int(rank_zero_only.rank)
+
+    @contextmanager
+    def timed(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    def plain(self, *keys: str) -> Any:
+        """Resolved plain-Python view of config sections (for cache keys and results)."""
+        return {k: OmegaConf.to_container(self.cfg[k], resolve=True) if isinstance(self.cfg[k], DictConfig)
+                else self.cfg[k] for k in keys}
+
+    def split_key(self) -> dict:
+        d = self.cfg.data
+        return {"data": d.name, "val_size": d.val_size, "seed": self.cfg.seed}
+
+    def new_model(self) -> torch.nn.Module:
+        m = self.cfg.model
+        return build_model(m.name, self.dm.num_classes, m.width)
+
+    def trainer(self, max_epochs: int, work_dir: Path, logger: Any, callbacks: list) -> L.Trainer:
+        t = self.cfg.trainer
+        ckpt = ModelCheckpoint(dirpath=str(work_dir), filename="last", save_last=False, save_top_k=1,
+                               every_n_epochs=1, enable_version_counter=False)
+        return L.Trainer(
+            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+            precision=t.precision, max_epochs=max_epochs, logger=logger if logger is not None else False,
+            callbacks=[*callbacks, ckpt], enable_progress_bar=t.progress_bar, enable_model_summary=False,
+            num_sanity_val_steps=0, inference_mode=False, deterministic=t.deterministic,
+            log_every_n_steps=t.log_every_n_steps, default_root_dir=str(self.output_dir),
+        )
+
+    def fit(self, trainer: L.Trainer, module: L.LightningModule, work_dir: Path) -> None:
+        """Fit, resuming from ``work_dir/last.ckpt`` after an interruption; DDP ranks > 0 end here."""
+        last = work_dir / "last.ckpt"
+        trainer.fit(module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None,
+                    weights_only=True)
+        if trainer.world_size > 1:
+            if not trainer.is_global_zero:
+                sys.exit(0)  # rank 0 alone goes on to the single-process stages
+            if torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+        module.to(self.device)
+
+    def evaluate(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
+                 autoattack: bool = False) -> dict[str, float]:
+        with seeded(seed):
+            return evaluate(model.to(self.device), x, y, make_attack(self.cfg.attack), self.dm.num_classes,
+                            self.cfg.eval.batch_size, self.device, self.cfg.trainer.precision,
+                            autoattack_eps=pixels(self.cfg.attack.eps, "attack.eps") if autoattack else None)
+
+    # ---- stage: base model -------------------------------------------------------------------------
+    def base_checkpoint(self) -> tuple[Path, bool]:
+        """(path, exists) of the base model: the user's checkpoint or the cached one for these settings."""
+        if self.cfg.base.checkpoint is not None:
+            return Path(str(self.cfg.base.checkpoint)).expanduser().resolve(), True
+        c = self.cfg
+        key = cache.digest({**self.plain("at", "attack"), **self.split_key(), "train_subset": c.data.train_subset,
+                            "model": self.plain("model")["model"] | {"compile": None, "channels_last": None},
+                            "trainer.precision": c.trainer.precision})
+        path = self.cache_dir / "base" / f"{c.data.name}-{c.model.name}-w{c.model.width}-seed{c.seed}-{key}.pt"
+        return path, path.exists()
+
+    def base_model(self) -> tuple[torch.nn.Module, Path, dict]:
+        path, exists = self.base_checkpoint()
+        if not exists:
+            if not self.cfg.base.train_if_missing:
+                raise FileNotFoundError(f"base.checkpoint=null: no cached base model at {path} and "
+                                        "base.train_if_missing=false; train one with +experiment=at")
+            with cache.locked(path, enabled=self.rank == 0):  # DDP ranks > 0 join rank 0's fit instead
+                if not path.exists():
+                    self.train_base(path)
+        model = self.new_model()
+        load_into(model, read_state_dict(path))
+        info_path = path.with_suffix(".json")
+        info = cache.read_json(info_path) if info_path.exists() else {}
+        return model.to(self.device), path, info
+
+    def train_base(self, path: Path) -> None:
+        cfg = self.cfg
+        work = path.with_suffix(".work")
+        logger = self.loggers["at"] = make_logger(cfg, self.output_dir, "at")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module = AdversarialTraining(
+            self.new_model(), make_attack(cfg.at.attack, "at.attack"), make_attack(cfg.attack), self.dm.num_classes,
+            lr=cfg.at.lr, momentum=cfg.at.momentum, weight_decay=cfg.at.weight_decay,
+            milestones=tuple(cfg.at.milestones), gamma=cfg.at.gamma, channels_last=cfg.model.channels_last)
+        if cfg.model.compile:
+            module.model.net.compile()
+        self.dm.batch_size = cfg.at.batch_size
+        with self.timed("adversarial_training"):
+            trainer = self.trainer(cfg.at.epochs, work, logger, [])
+            self.fit(trainer, module, work)
+        best = module.best_state or {k: v.cpu() for k, v in module.model.net.state_dict().items()}
+        model = self.new_model()
+        model.net.load_state_dict(best)
+        info = {"best_epoch": module.best_epoch, "best_val_robust_acc": module.best_robust_acc,
+                "history": module.history, "seconds": self.timings["adversarial_training"],
+                "config": self.plain("at", "data", "model")}
+        cache.write_json(path.with_suffix(".json"), info)
+        save_state_dict(model, path)  # last: its existence marks the base model as complete
+        shutil.rmtree(work, ignore_errors=True)
+
+    # ---- stage: MRC ---------------------------------------------------------------------------------
+    def adversarial_set(self, model: torch.nn.Module, ckpt_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PGD examples of the selection split on the base model (eval mode), made once per base and split."""
+        n = self.cfg.mrc.num_examples or len(self.dm.val_y)
+        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"], "n": n})
+        path = self.cache_dir / "adv" / f"{ckpt_hash[:16]}-{key}.pt"
+
+        def compute() -> dict:
+            x, y = self.dm.val_x[:n], self.dm.val_y[:n]
+            from rift_bn.data import to_float
+
+            attack, bs = make_attack(self.cfg.attack), self.cfg.eval.batch_size
+            with seeded(self.cfg.seed + 1):
+                adv = torch.cat([attack(model, to_float(x[i:i + bs].to(self.device)), y[i:i + bs].to(self.device)).cpu()
+                                 for i in range(0, n, bs)])
+            return {"x": adv, "y": y.clone()}
+
+        with self.timed("adversarial_set"):
+            data, _ = cache.cached(path, compute, cache.save_tensors, cache.load_tensors, lock=self.rank == 0)
+        return data["x"].to(self.device), data["y"].to(self.device)
+
+    def mrc_table(self, model: torch.nn.Module, ckpt_hash: str, kinds: tuple[str, ...]) -> tuple[list[dict], str]:
+        """MRC rows for every candidate of ``kinds``; each module is computed once per base model and protocol."""
+        m = self.cfg.mrc
+        proto = MRCProtocol(epsilon=m.epsilon, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size, shuffle=m.shuffle,
+                            seed=self.cfg.seed)
+        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "n": m.num_examples, "estimator": m.estimator,
+                            "protocol": proto.key(), "attack": self.plain("attack")["attack"]})
+        path = self.cache_dir / "mrc" / f"{ckpt_hash[:16]}-{m.estimator}-{key}.json"
+        from rift_bn.models import candidate_modules
+
+        wanted = [n for n, _, _ in candidate_modules(model, set(kinds))]
+
+        def known() -> dict:
+            return cache.read_json(path) if path.exists() else {"rows": {}}
+
+        table = known()
+        source = "cache"
+        if any(n not in table["rows"] for n in wanted):
+            with cache.locked(path, enabled=self.rank == 0):
+                table = known()
+                missing = tuple(k for k in kinds if any(r not in table["rows"] for r in
+                                                        [n for n, _, t in candidate_modules(model, {k})]))
+                if missing:
+                    x, y = self.adversarial_set(model, ckpt_hash)
+                    with self.timed("mrc"):
+                        if m.estimator == "linear":
+                            from rift_bn.mrc_linear import linear_mrc
+
+                            new = linear_mrc(model, x, y, missing, proto)
+                        else:
+                            new = compute_mrc(model, x, y, missing, proto, progress=self.progress)
+                    table["rows"].update({r["name"]: r for r in new["rows"]})
+                    table |= {"base_loss": new["base_loss"], "base_robust_acc": new["base_robust_acc"],
+                              "estimator": m.estimator, "protocol": proto.key()}
+                    cache.write_json(path, table)
+                    source = "computed"
+        return [table["rows"][n] for n in wanted], source
+
+    @staticmethod
+    def progress(name: str, done: int, total: int) -> None:
+        print(f"  mrc {done}/{total}: {name}", flush=True)
+
+    # ---- stage: fine-tuning -------------------------------------------------------------------------
+    def finetune(self, base: torch.nn.Module, rows: list[dict] | None, work: Path) -> tuple[FineTuning, list[dict]]:
+        cfg, f = self.cfg, self.cfg.finetune
+        logger = self.loggers["finetune"] = make_logger(cfg, self.output_dir, "finetune")
+        selection = ModuleSelection(tuple(cfg.method.kinds), cfg.k if rows is not None else None, rows, f.bn_stats)
+        milestones = tuple(f.milestones) if f.milestones is not None else (max(1, f.epochs // 2),)
+        module = FineTuning(copy.deepcopy(base), make_attack(cfg.attack), self.dm.num_classes, lr=f.lr,
+                            momentum=f.momentum, weight_decay=f.weight_decay, milestones=milestones, gamma=f.gamma,
+                            channels_last=cfg.model.channels_last)
+        if cfg.model.compile:
+            module.model.net.compile()
+        self.dm.batch_size = f.batch_size
+        with self.timed("finetune"):
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            self.fit(self.trainer(f.epochs, work, logger, [selection]), module, work)
+        return module, selection.selected
+
+    def close_logger(self, stage: str, results: dict | None = None) -> None:
+        """Write the run's summary (if given) into the stage's logger, opening one if needed, and close it."""
+        logger = self.loggers.pop(stage, None)
+        if results is not None:
+            logger = logger or make_logger(self.cfg, self.output_dir, stage)
+            log_summary(logger, results)
+        finish(logger)
+
+    # ---- stage: interpolation and report ----------------------------------------------------------
+    def interpolate(self, base: torch.nn.Module, tuned: torch.nn.Module, base_val: dict, last_val: dict | None
+                    ) -> tuple[list[dict], dict]:
+        """Selection-split accuracy along theta(a); alpha* by the tolerance rule (DESIGN step 7)."""
+        base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
+        probe = copy.deepcopy(base)
+        curve = []
+        with self.timed("interpolation"):
+            for a in sorted(float(a) for a in self.cfg.interpolation.alphas):
+                if a == 0.0:
+                    point = base_val  # theta(0) is the base model, exactly
+                elif a == 1.0 and last_val is not None:
+                    point = last_val  # theta(1) is the fine-tuned model, evaluated on this split after the last epoch
+                else:
+                    probe.load_state_dict(interpolate_state(base_sd, tuned_sd, a))
+                    point = self.evaluate(probe, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3)
+                curve.append({"alpha": a, "clean_acc": point["clean_acc"], "robust_acc": point["robust_acc"]})
+        best = choose_alpha(curve, base_val["robust_acc"], self.cfg.interpolation.tolerance)
+        return curve, best
+
+    def base_val(self, model: torch.nn.Module, ckpt_hash: str) -> dict:
+        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"]})
+        path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-val-{key}.json"
+        with self.timed("base_eval"):
+            out, _ = cache.cached(path, lambda: self.evaluate(model, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3),
+                                  cache.write_json, cache.read_json)
+        return out
+
+    def base_test(self, model: torch.nn.Module, ckpt_hash: str) -> dict:
+        d = self.cfg.data
+        key = cache.digest({"ckpt": ckpt_hash, "data": d.name, "test_subset": d.test_subset, "aa": self.cfg.eval.autoattack,
+                            "attack": self.plain("attack")["attack"], "seed": self.cfg.seed})
+        path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-test-{key}.json"
+        x, y = self.dm.test_tensors()
+        with self.timed("base_eval"):
+            out, _ = cache.cached(path, lambda: self.evaluate(model, x, y, self.cfg.seed + 4, self.cfg.eval.autoattack),
+                                  cache.write_json, cache.read_json)
+        return out

@@ -1,0 +1,1 @@
+"""Reports: console summary, Table 1, figures."""

@@ -1,0 +1,146 @@
+"""Entry point: ``python -m rift_bn.run [+experiment=at|topk|layer_types] [overrides] [-m]``.
+
+One job: (train or load) the adversarially trained base model; for ``stage=finetune`` compute or load
+the MRC table, fine-tune the selected modules on clean data, interpolate towards the base model on the
+selection split; finally evaluate on the test set and write ``results.json`` beside Hydra's output.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from rift_bn import cache
+from rift_bn.config import ConfigError, validate
+from rift_bn.data import CIFARDataModule, DataError
+from rift_bn.models.checkpoint import CheckpointError, file_sha256, save_state_dict
+from rift_bn.pipeline import NON_RESULT_KEYS, Run
+from rift_bn.report.summary import format_summary
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError)
+
+
+def job_key(cfg: DictConfig) -> str:
+    """Identity of a job's results: the resolved config without the settings that change no number."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for dotted in NON_RESULT_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = plain
+        for p in parents:
+            node = node.get(p, {})
+        node.pop(leaf, None)
+    return cache.digest(plain, 24)
+
+
+def pick_device(cfg: DictConfig) -> torch.device:
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def is_complete(results: dict) -> bool:
+    return all(k in results for k in ("stage", "base", "final", "delta", "timings", "config"))
+
+
+def execute(cfg: DictConfig) -> Path:
+    """Run one job and return the path of its results.json."""
+    validate(cfg)
+    output_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    results_path = output_dir / "results.json"
+    cache_dir = Path(cfg.cache_dir).expanduser().resolve()
+    key = job_key(cfg)
+    state_dir = cache_dir / "runs" / key
+    done = state_dir / "results.json"
+    if done.exists() and is_complete(cache.read_json(done)) and not cfg.force:
+        shutil.copyfile(done, results_path)
+        print(f"complete already (force=true recomputes): {done}")
+        return results_path
+    if cfg.force and state_dir.exists():
+        shutil.rmtree(state_dir)
+
+    dm = CIFARDataModule(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.train_subset, cfg.data.test_subset,
+                         batch_size=cfg.at.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
+                         download=cfg.data.download)
+    dm.setup()
+    run = Run(cfg, output_dir, pick_device(cfg), dm, cache_dir)
+    base, base_path, base_info = run.base_model()
+    ckpt_hash = file_sha256(base_path)
+    results: dict = {
+        "stage": cfg.stage, "dataset": cfg.data.name, "model": cfg.model.name, "width": cfg.model.width,
+        "method": None, "k": None, "seed": cfg.seed, "selected": [], "mrc": [], "mrc_source": None, "alpha": None,
+        "interpolation": [], "history": [], "base_training": base_info,
+    }
+    final, final_ckpt = base, base_path
+    if cfg.stage == "finetune":
+        run.close_logger("at")
+        rows, source = None, None
+        if cfg.method.selection == "mrc":
+            rows, source = run.mrc_table(base, ckpt_hash, tuple(cfg.method.kinds))
+            from rift_bn.mrc import select_lowest
+
+            select_lowest(rows, tuple(cfg.method.kinds), cfg.k)  # a bad k fails before fine-tuning
+        base_val = run.base_val(base, ckpt_hash)
+        module, selected = run.finetune(base, rows, state_dir)
+        tuned = module.model.eval()
+        last_val = module.history[-1] if module.history else None
+        curve, best = run.interpolate(base, tuned, base_val, last_val)
+        final = copy.deepcopy(base)
+        from rift_bn.interpolate import interpolate_state
+
+        final.load_state_dict(interpolate_state(base.state_dict(), tuned.state_dict(), best["alpha"]))
+        final_ckpt = output_dir / "final.pt"
+        save_state_dict(final, final_ckpt)
+        results |= {
+            "method": cfg.method.name, "k": cfg.k if cfg.method.selection == "mrc" else None,
+            "selected": selected, "mrc": rows or [], "mrc_source": source, "alpha": best["alpha"],
+            "interpolation": curve, "history": [{"epoch": 0, **base_val}, *module.history],
+            "selection_split": {"base": base_val, "final": best},
+        }
+    test_reads_before_report = dm.test_accesses
+    assert test_reads_before_report == 0, "the test split was read before the final report"
+    with run.timed("test_eval"):
+        base_test = run.base_test(base, ckpt_hash)
+        final_test = base_test if final is base else run.evaluate(final, *dm.test_tensors(), cfg.seed + 4,
+                                                                   cfg.eval.autoattack)
+    results |= {
+        "base": {**base_test, "checkpoint": str(base_path)},
+        "final": {**final_test, "checkpoint": str(final_ckpt)},
+        "delta": {k: final_test[k] - base_test[k] for k in base_test},
+        "test_split_reads_before_report": test_reads_before_report,
+        "timings": run.timings, "config": OmegaConf.to_container(cfg, resolve=True), "job_key": key,
+    }
+    cache.write_json(results_path, results)
+    cache.write_json(done, results)
+    run.close_logger(cfg.stage, results)
+    print(format_summary(results))
+    return results_path
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    try:
+        path = execute(cfg)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # validation inside the library (k, attack, names) speaks in settings too
+        if "=" not in str(e).split(":")[0]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"results: {path}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("WANDB_SILENT", "true")
+    main()
