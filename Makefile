@@ -23,8 +23,15 @@ lint: install  ## ruff
 	$(BIN)/ruff check rift_bn tests
 	$(BIN)/ruff format --check rift_bn tests
 
-smoke: install  ## adversarially train and evaluate a tiny base model (a few minutes on 2 CPU cores)
-	$(BIN)/python -m rift_bn.run +experiment=at scale=smoke
+DATA ?= $(or $(RIFT_BN_DATA),data)
+JPEG := ../shared/data/cifar10-jpeg
+
+data:  ## CIFAR-10 layout under $(DATA): from the workspace's JPEG copy if present (else downloaded on first run)
+	@if [ ! -d "$(DATA)/cifar-10-batches-py" ] && [ -f "$(JPEG)/to_cifar_layout.py" ]; then \
+		$(BIN)/python $(JPEG)/to_cifar_layout.py "$(DATA)"; fi
+
+smoke: install data  ## the main job at smoke scale: RiFT vs RiFT-with-BN, k=1,2 (a few minutes on 2 CPU cores)
+	RIFT_BN_DATA=$(abspath $(DATA)) $(BIN)/python -m rift_bn.run +experiment=topk scale=smoke data=cifar10 k=1,2 -m
 
 bench: install  ## performance ratios (docs/performance.md)
 	$(BIN)/python -m rift_bn.bench

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 import sys
 import time
@@ -47,6 +48,44 @@ def seeded(seed: int):
         yield
 
 
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@contextmanager
+def ddp_relaunch(trainer: L.Trainer, output_dir: Path):
+    """Let Lightning's DDP launcher re-run exactly this job in its worker processes, then tidy up.
+
+    Lightning starts ranks > 0 as ``python -m rift_bn.run <sys.argv[1:]> hydra.run.dir=<run dir>``. Inside a
+    multirun that would be the whole sweep (``-m k=1,2``) in the wrong folder, so the command line becomes
+    this job's own overrides and the run dir this job's folder. Afterwards rank 0 forgets the DDP
+    environment, so a later fit in the same process (the next stage, the next sweep job) launches afresh.
+    """
+    launching = trainer.world_size > 1 and rank_zero_only.rank == 0 and "LOCAL_RANK" not in os.environ
+    if not launching:
+        yield
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict, read_write
+
+    argv, env = list(sys.argv), {k: os.environ.get(k) for k in DDP_ENV}
+    hc = HydraConfig.get()
+    run_dir = hc.run.dir
+    sys.argv = [argv[0], *hc.overrides.task]
+    with read_write(hc), open_dict(hc):
+        hc.run.dir = str(output_dir)
+    try:
+        yield
+    finally:
+        sys.argv = argv
+        with read_write(hc), open_dict(hc):
+            hc.run.dir = run_dir
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 @dataclass
 class Run:
     """Everything a stage needs; built once per job."""
@@ -57,6 +96,7 @@ class Run:
     dm: CIFARDataModule
     cache_dir: Path
     timings: dict[str, float] = field(default_factory=dict)
+    gpu: int | None = None  # the GPU this job is pinned to (hydra/launcher=parallel)
     loggers: dict[str, Any] = field(default_factory=dict)  # open experiment loggers by stage
 
     @property
@@ -87,7 +127,7 @@ class Run:
         ckpt = ModelCheckpoint(dirpath=str(work_dir), filename="last", save_last=False, save_top_k=1,
                                every_n_epochs=1, enable_version_counter=False)
         return L.Trainer(
-            accelerator=t.accelerator, devices=t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
+            accelerator=t.accelerator, devices=[self.gpu] if self.gpu is not None else t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
             precision=t.precision, max_epochs=max_epochs, logger=logger if logger is not None else False,
             callbacks=[*callbacks, ckpt], enable_progress_bar=t.progress_bar, enable_model_summary=False,
             num_sanity_val_steps=0, inference_mode=False, deterministic=t.deterministic,
@@ -97,8 +137,11 @@ class Run:
     def fit(self, trainer: L.Trainer, module: L.LightningModule, work_dir: Path) -> None:
         """Fit, resuming from ``work_dir/last.ckpt`` after an interruption; DDP ranks > 0 end here."""
         last = work_dir / "last.ckpt"
-        trainer.fit(module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None,
-                    weights_only=True)
+        if last.exists() and self.rank == 0:
+            print(f"resuming from {last}", flush=True)
+        with ddp_relaunch(trainer, self.output_dir):
+            trainer.fit(module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None,
+                        weights_only=True)
         if trainer.world_size > 1:
             if not trainer.is_global_zero:
                 sys.exit(0)  # rank 0 alone goes on to the single-process stages

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -22,6 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from rift_bn import cache
 from rift_bn.config import ConfigError, validate
 from rift_bn.data import CIFARDataModule, DataError
+from rift_bn.interpolate import interpolate_state
+from rift_bn.models import candidate_modules
 from rift_bn.models.checkpoint import CheckpointError, file_sha256, save_state_dict
 from rift_bn.pipeline import NON_RESULT_KEYS, Run
 from rift_bn.report.summary import format_summary
@@ -41,10 +44,16 @@ def job_key(cfg: DictConfig) -> str:
     return cache.digest(plain, 24)
 
 
-def pick_device(cfg: DictConfig) -> torch.device:
+def pick_device(cfg: DictConfig) -> tuple[torch.device, int | None]:
+    """The device of the single-process stages, and the GPU this job is pinned to under the parallel launcher."""
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+        hc = HydraConfig.get()
+        if "Joblib" in str(hc.launcher.get("_target_", "")):  # hydra/launcher=parallel: one job per GPU
+            gpu = hc.job.num % torch.cuda.device_count()
+            torch.cuda.set_device(gpu)
+            return torch.device("cuda", gpu), gpu
+        return torch.device("cuda", torch.cuda.current_device()), None
+    return torch.device("cpu"), None
 
 
 def is_complete(results: dict) -> bool:
@@ -71,7 +80,13 @@ def execute(cfg: DictConfig) -> Path:
                          batch_size=cfg.at.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
                          download=cfg.data.download)
     dm.setup()
-    run = Run(cfg, output_dir, pick_device(cfg), dm, cache_dir)
+    device, gpu = pick_device(cfg)
+    run = Run(cfg, output_dir, device, dm, cache_dir, gpu=gpu)
+    if cfg.stage == "finetune" and cfg.method.selection == "mrc":
+        n = len(candidate_modules(run.new_model(), set(cfg.method.kinds)))
+        if cfg.k > n:
+            raise ConfigError(f"k={cfg.k}: {cfg.model.name} has only {n} {cfg.method.name} candidates "
+                              f"({'+'.join(cfg.method.kinds)}); choose k between 1 and {n}")
     base, base_path, base_info = run.base_model()
     ckpt_hash = file_sha256(base_path)
     results: dict = {
@@ -85,17 +100,12 @@ def execute(cfg: DictConfig) -> Path:
         rows, source = None, None
         if cfg.method.selection == "mrc":
             rows, source = run.mrc_table(base, ckpt_hash, tuple(cfg.method.kinds))
-            from rift_bn.mrc import select_lowest
-
-            select_lowest(rows, tuple(cfg.method.kinds), cfg.k)  # a bad k fails before fine-tuning
         base_val = run.base_val(base, ckpt_hash)
         module, selected = run.finetune(base, rows, state_dir)
         tuned = module.model.eval()
         last_val = module.history[-1] if module.history else None
         curve, best = run.interpolate(base, tuned, base_val, last_val)
         final = copy.deepcopy(base)
-        from rift_bn.interpolate import interpolate_state
-
         final.load_state_dict(interpolate_state(base.state_dict(), tuned.state_dict(), best["alpha"]))
         final_ckpt = output_dir / "final.pt"
         save_state_dict(final, final_ckpt)
@@ -125,6 +135,14 @@ def execute(cfg: DictConfig) -> Path:
     return results_path
 
 
+# Our submitit_* launcher files set resource defaults on top of the plugin's schema of the same name.
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer`")
+warnings.filterwarnings("ignore", message=r".*smaller than the logging interval")
+OmegaConf.register_new_resolver("visible_gpus", lambda: max(1, torch.cuda.device_count()), replace=True)
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -141,6 +159,18 @@ def main(cfg: DictConfig) -> None:
     print(f"results: {path}", flush=True)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Check the command line (one-line errors, nothing run), then hand it to Hydra."""
     os.environ.setdefault("WANDB_SILENT", "true")
+    if "LOCAL_RANK" not in os.environ:  # DDP workers re-run a command rank 0 has checked already
+        from rift_bn.precheck import precheck
+
+        problem = precheck(sys.argv[1:])
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

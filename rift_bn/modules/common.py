@@ -58,6 +58,9 @@ class RobustClassifier(L.LightningModule):
         self.log_dict({"val/clean_acc": clean, "val/robust_acc": robust, "epoch": float(self.current_epoch + 1)})
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch + 1, "clean_acc": clean, "robust_acc": robust})
+            if self.trainer.is_global_zero:
+                print(f"  {type(self).__name__} epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: "
+                      f"val clean {clean:.2f}%, robust {robust:.2f}%", flush=True)
             self.on_validation_result(clean, robust)
 
     def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:

@@ -14,8 +14,10 @@ def format_summary(r: dict) -> str:
     if r.get("stage") == "finetune":
         d = r["delta"]
         lines.append(f"  {'delta':8s}{d['clean_acc']:+8.2f} {d['robust_acc']:+8.2f}")
-        chosen = ", ".join(f"{s['name']} ({s['type']}" + (f", mrc {s['mrc']:.4f})" if s.get("mrc") is not None
-                                                        else ")") for s in r["selected"])
+        chosen = ", ".join(
+            f"{s['name']} ({s['type']}" + (f", mrc {s['mrc']:.4f})" if s.get("mrc") is not None else ")")
+            for s in r["selected"]
+        )
         lines.append(f"  selected: {chosen}")
         lines.append(f"  alpha*: {r['alpha']}   mrc: {r.get('mrc_source')}")
     lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("timings", {}).items()))

@@ -1,0 +1,252 @@
+"""Assemble the report folder: tables, figures, optional W&B upload (``python -m rift_bn.report``)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from rift_bn.report.collect import (
+    LAYER_TYPE_METHODS,
+    METHOD_LABELS,
+    TOPK_METHODS,
+    Setting,
+    dataset_label,
+    estimator,
+    load_runs,
+    setting,
+    wandb_target,
+)
+from rift_bn.report.figures import plot_bn_kde, plot_interpolation, plot_layer_types, plot_mrc, save
+from rift_bn.report.table import write_tables
+
+__all__ = [
+    "Report",
+    "by_setting",
+    "figure_interpolation",
+    "figure_layer_types",
+    "figure_mrc",
+    "make_report",
+    "report_figures",
+    "setting_tag",
+]
+
+
+@dataclass
+class Report:
+    """What :func:`make_report` produced: tables, figures (by file stem), written files, skipped items."""
+
+    out: Path
+    runs: list[dict]
+    table1: pd.DataFrame
+    layer_types: pd.DataFrame
+    figures: dict[str, Figure] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    wandb_dir: str | None = None
+
+
+def by_setting(runs: list[dict]) -> dict[Setting, list[dict]]:
+    """Runs grouped by (dataset, model, width), in first-seen order."""
+    out: dict[Setting, list[dict]] = {}
+    for r in runs:
+        out.setdefault(setting(r), []).append(r)
+    return out
+
+
+def setting_tag(s: Setting, settings: Sequence[Setting]) -> str:
+    """File-name tag: the dataset, plus model and width when one dataset has several settings."""
+    if sum(1 for t in settings if t[0] == s[0]) == 1:
+        return s[0]
+    return f"{s[0]}_{s[1]}_w{s[2]}"
+
+
+def _title(s: Setting, what: str, settings: Sequence[Setting]) -> str:
+    extra = f" ({s[1]}, width {s[2]})" if setting_tag(s, settings) != s[0] else ""
+    return f"{dataset_label(s[0])}{extra}: {what}"
+
+
+def figure_layer_types(runs: list[dict], title: str = "") -> Figure | None:
+    """Figures 1-2 for one setting, or ``None`` when it has no layer-type runs with a history."""
+    lt = [r for r in runs if r.get("method") in LAYER_TYPE_METHODS and r.get("history")]
+    return plot_layer_types(lt, title or None) if lt else None
+
+
+def figure_interpolation(runs: list[dict], title: str = "") -> Figure | None:
+    """Interpolation curves of the RiFT / RiFT-with-BN runs of one setting (else of the layer-type runs)."""
+    rs = [r for r in runs if r.get("stage") == "finetune" and r.get("interpolation")]
+    topk = [r for r in rs if r.get("method") in TOPK_METHODS]
+    return plot_interpolation(topk or rs, title or None) if rs else None
+
+
+def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
+    """MRC chart of one method in one setting (lowest seed; every estimator present side by side).
+
+    Selected modules are those of the run with the largest k (rank 1 = lowest MRC).
+    """
+    rs = [r for r in runs if r.get("method") == method and r.get("mrc")]
+    if not rs:
+        return None
+    seed = min(r.get("seed") or 0 for r in rs)
+    rs = [r for r in rs if (r.get("seed") or 0) == seed]
+    tables: dict[str, list[dict]] = {}
+    for r in sorted(rs, key=lambda r: -(r.get("k") or 0)):
+        rows_by_est: dict[str, list[dict]] = {}
+        for row in r["mrc"]:
+            rows_by_est.setdefault(str(row.get("estimator") or estimator(r)), []).append(row)
+        for est, rows in rows_by_est.items():
+            tables.setdefault(est, rows)
+    tables = dict(sorted(tables.items(), key=lambda kv: (kv[0] != "exact", kv[0])))
+    first_est = next(iter(tables))
+    top = max((r for r in rs if estimator(r) == first_est), key=lambda r: r.get("k") or 0, default=rs[0])
+    selected = [s["name"] for s in top.get("selected") or []]
+    only = f" ({first_est} estimate)" if len(tables) == 1 and first_est != "exact" else ""
+    full_title = (
+        title or METHOD_LABELS.get(method, method)
+    ) + f"{only}, seed {seed}; selected: top-{len(selected)}"
+    return plot_mrc(tables, selected, full_title)
+
+
+def report_figures(
+    runs: list[dict],
+    kde: bool = True,
+    kde_images: int = 256,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Figure], dict[str, str]]:
+    """Every figure for ``runs`` by file stem, and ``{stem: reason}`` for those that could not be drawn."""
+    figures: dict[str, Figure] = {}
+    skipped: dict[str, str] = {}
+    groups = by_setting(runs)
+    settings = list(groups)
+    for s, rs in groups.items():
+        tag = setting_tag(s, settings)
+        mrc_methods = [
+            *TOPK_METHODS,
+            *sorted({str(r.get("method")) for r in rs if r.get("mrc")} - set(TOPK_METHODS)),
+        ]
+        wanted: list[tuple[str, Figure | None, str]] = [
+            (
+                f"fig_layer_types_{tag}",
+                figure_layer_types(rs, _title(s, "fine-tuning by layer type (selection split)", settings)),
+                "no layer-type runs (bn_only / conv_linear_only / full)",
+            ),
+            (
+                f"fig_interpolation_{tag}",
+                figure_interpolation(rs, _title(s, "interpolation (selection split)", settings)),
+                "no interpolation curves",
+            ),
+            *(
+                (
+                    f"fig_mrc_{tag}_{m}",
+                    figure_mrc(rs, m, _title(s, f"MRC, {METHOD_LABELS.get(m, m)}", settings)),
+                    f"no {m} runs with an MRC table",
+                )
+                for m in mrc_methods
+            ),
+        ]
+        stem = f"fig_bn_kde_{tag}"
+        if kde:
+            fig, why = _kde_figure(rs, _title(s, "", settings), kde_images, device)
+            wanted.append((stem, fig, why))
+            if fig is None:
+                log(f"Figure 3 ({stem}) skipped: {why}")
+        else:
+            wanted.append((stem, None, "--no-kde"))
+        for stem, fig, why in wanted:
+            if fig is None:
+                skipped[stem] = why
+            else:
+                figures[stem] = fig
+    return figures, skipped
+
+
+def make_report(
+    dirs: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str] | None = None,
+    kde: bool = True,
+    wandb: bool = True,
+    kde_images: int = 256,
+    device: str | None = None,
+    log: Callable[[str], None] = print,
+) -> Report:
+    """Gather ``results.json`` below ``dirs``; write tables and figures to ``out`` (default: DIR/report).
+
+    Figure 3 needs the runs' checkpoints and data (else skipped with the reason); W&B logging happens only
+    when the runs logged to W&B.
+    """
+    if not dirs:
+        raise ValueError("give at least one run or sweep directory")
+    first = Path(dirs[0])
+    out_dir = Path(out) if out is not None else (first.parent if first.is_file() else first) / "report"
+    out_dir = out_dir.resolve()
+    runs = load_runs(dirs, exclude=out_dir, log=log)
+    if not runs:
+        raise FileNotFoundError(f"no complete results.json below {', '.join(map(str, dirs))}")
+    n_ft = sum(r.get("stage") == "finetune" for r in runs)
+    log(f"{len(runs)} run(s) ({n_ft} fine-tuned) from {len(dirs)} folder(s)")
+    t1, lt, files = write_tables(runs, out_dir, log)
+    figures, skipped = report_figures(runs, kde, kde_images, device, log)
+    for stem, fig in figures.items():
+        files += save(fig, out_dir, stem)
+    report = Report(out_dir, runs, t1, lt, figures, files, skipped)
+    if wandb:
+        report.wandb_dir = _log_wandb(report, log)
+    return report
+
+
+def _kde_figure(
+    runs: list[dict], prefix: str, n_images: int, device: str | None
+) -> tuple[Figure | None, str]:
+    from rift_bn.report.kde import kde_samples, plan_kde
+
+    plan, why = plan_kde(runs)
+    if plan is None:
+        return None, why
+    try:
+        samples = kde_samples(plan, n_images=n_images, device=device, seed=int(plan.rift_bn.get("seed") or 0))
+    except Exception as exc:  # missing checkpoint or data, or a checkpoint that does not fit: skip, say why
+        return None, f"{type(exc).__name__}: {exc}"
+    title = (
+        f"{prefix.rstrip(': ')}, top-{plan.k}, seed {plan.rift_bn.get('seed')}:\n"
+        f"BN outputs on PGD-10 examples made against each model ({plan.images} selection-split images)"
+    )
+    legend = {
+        label: f"{label} ($\\alpha^*$={r.get('alpha'):g})"
+        for label, r in (("RiFT", plan.rift), ("RiFT with BN", plan.rift_bn))
+        if r.get("alpha") is not None
+    }
+    return plot_bn_kde(samples, title, plan.notes, legend), ""
+
+
+def _log_wandb(report: Report, log: Callable[[str], None]) -> str | None:
+    """A ``job_type="report"`` W&B run in the runs' project/group with Table 1 and every figure."""
+    target = wandb_target(report.runs)
+    if target is None:
+        return None
+    import wandb
+
+    run = wandb.init(
+        project=target["project"],
+        entity=target["entity"],
+        group=target["group"],
+        job_type="report",
+        name=f"report-{target['group']}",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        dir=str(report.out),
+        config={"groups": target["groups"], "runs": len(report.runs)},
+    )
+    try:
+        run.log({"table1": wandb.Table(dataframe=report.table1.astype({"k": "float"}))})
+        if not report.layer_types.empty:
+            run.log({"layer_types": wandb.Table(dataframe=report.layer_types.astype({"k": "float"}))})
+        run.log({stem: wandb.Image(str(report.out / f"{stem}.png")) for stem in report.figures})
+        run_dir = str(Path(run.dir).parent)
+    finally:
+        run.finish()
+    log(f"W&B: logged the report to project {target['project']}, group {target['group']} ({run_dir})")
+    return run_dir

@@ -1,0 +1,374 @@
+"""Figures as researchers read them: layer types (Figs. 1-2), BN-output KDE (Fig. 3), MRC, interpolation.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state, any
+backend; notebooks display it inline). Sizes follow a two-column paper: 3.3 in for one panel, 6.8 in
+for a figure across both columns. :func:`save` writes PNG (dpi 200) and PDF.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+
+from rift_bn.report.collect import METHOD_LABELS, dataset_label
+
+__all__ = [
+    "METHOD_COLORS",
+    "TYPE_COLORS",
+    "plot_bn_kde",
+    "plot_interpolation",
+    "plot_layer_types",
+    "plot_mrc",
+    "save",
+    "style",
+]
+
+FULL_WIDTH = 6.8  # inches, both columns
+COL_WIDTH = 3.3  # inches, one column
+TYPE_COLORS: dict[str, str] = {"conv": "#4C72B0", "linear": "#55A868", "bn": "#DD8452"}
+METHOD_COLORS: dict[str, str] = {
+    "init": "#4D4D4D",
+    "base": "#4D4D4D",
+    "rift": "#4C72B0",
+    "rift_bn": "#C44E52",
+    "bn_only": "#DD8452",
+    "conv_linear_only": "#4C72B0",
+    "full": "#55A868",
+}
+METHOD_STYLES: dict[str, str] = {"rift": "--", "rift_bn": "-", "init": ":", "base": ":"}
+ESTIMATOR_HATCH: dict[str, str] = {"exact": "", "linear": "////"}
+
+
+@contextlib.contextmanager
+def style() -> Iterator[None]:
+    """Seaborn's paper context on a white grid, fonts sized for print (no global rcParams change)."""
+    rc = {
+        "font.size": 8,
+        "axes.titlesize": 8.5,
+        "axes.labelsize": 8,
+        "xtick.labelsize": 7,
+        "ytick.labelsize": 7,
+        "legend.fontsize": 7,
+        "legend.title_fontsize": 7,
+        "figure.titlesize": 9,
+        "lines.linewidth": 1.4,
+        "lines.markersize": 4,
+        "pdf.fonttype": 42,
+        "svg.fonttype": "none",
+    }
+    with sns.axes_style("whitegrid"), sns.plotting_context("paper"), mpl.rc_context(rc):
+        yield
+
+
+def save(fig: Figure, out: Path, stem: str, dpi: int = 200) -> list[Path]:
+    """Write ``out/stem.png`` (``dpi``) and ``out/stem.pdf``; return both paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.png", out / f"{stem}.pdf"]
+    fig.savefig(paths[0], dpi=dpi, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def _mean_std(curves: Sequence[Sequence[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """x, mean, std (ddof=1, 0 for one curve) over curves given as (x, y) points, on their common x."""
+    xs = sorted(set.intersection(*(set(x for x, _ in c) for c in curves)))
+    ys = np.array([[dict(c)[x] for x in xs] for c in curves], dtype=float)
+    std = ys.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(xs))
+    return np.array(xs, dtype=float), ys.mean(axis=0), std
+
+
+def _percent_axes(ax: mpl.axes.Axes, ylabel: str) -> None:
+    ax.set_ylabel(ylabel)
+    ax.yaxis.set_major_formatter(mpl.ticker.FormatStrFormatter("%g"))
+
+
+def _legend_below(fig: Figure, handles: list, labels: list[str], ncol: int | None = None) -> None:
+    ncol = ncol or min(len(labels), 4)
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol, frameon=False)
+
+
+def _column_legend(fig: Figure, columns: list[list[tuple[object, str]]]) -> None:
+    """A legend below the axes with one column per group (padded so that groups never share a column)."""
+    rows = max(len(c) for c in columns)
+    blank = mpl.lines.Line2D([], [], linestyle="none")
+    handles = [h for c in columns for h, _ in c + [(blank, "")] * (rows - len(c))]
+    labels = [t for c in columns for _, t in c + [(blank, "")] * (rows - len(c))]
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(columns), frameon=False)
+
+
+def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
+    """Figures 1-2: clean and robust accuracy (selection split) per fine-tuning epoch, a line per layer type.
+
+    ``runs`` are the bn_only / conv_linear_only / full runs of one dataset; epoch 0 is the base model.
+    Several seeds give the mean line and a ±1 std band.
+    """
+    by_method: dict[str, list[list[dict]]] = {}
+    for r in runs:
+        if r.get("history"):
+            by_method.setdefault(r["method"], []).append(r["history"])
+    order = [m for m in ("bn_only", "conv_linear_only", "full") if m in by_method]
+    order += sorted(set(by_method) - set(order))
+    with style():
+        fig = Figure(figsize=(FULL_WIDTH, 2.6), layout="constrained")
+        axes = fig.subplots(1, 2)
+        for ax, metric, label in zip(
+            axes, ("clean_acc", "robust_acc"), ("Clean", "Robust (PGD)"), strict=True
+        ):
+            for m in order:
+                curves = [[(h["epoch"], h[metric]) for h in hist] for hist in by_method[m]]
+                x, mean, std = _mean_std(curves)
+                n = len(curves)
+                color = METHOD_COLORS.get(m)
+                ax.plot(
+                    x,
+                    mean,
+                    marker="o",
+                    color=color,
+                    label=METHOD_LABELS.get(m, m) + (f" (n={n})" if n > 1 else ""),
+                )
+                if n > 1:
+                    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
+            ax.set_xlabel("Fine-tuning epoch (0 = base)")
+            _percent_axes(ax, f"{label} accuracy (%)")
+            ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        handles, labels = axes[0].get_legend_handles_labels()
+        if any(len(c) > 1 for c in by_method.values()):
+            handles.append(Patch(facecolor="#999999", alpha=0.3, label="±1 std over seeds"))
+            labels.append("±1 std over seeds")
+        _legend_below(fig, handles, labels, ncol=len(labels))
+        fig.suptitle(title or "Fine-tuning by layer type (selection split)")
+    return fig
+
+
+def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
+    """Clean and robust accuracy (selection split) against alpha, one line per (method, k); alpha* marked.
+
+    Several seeds per (method, k) give the mean line; the star sits at the most frequent alpha*.
+    """
+    series: dict[tuple[str, int | None], list[dict]] = {}
+    for r in runs:
+        if r.get("interpolation"):
+            series.setdefault((r["method"], r.get("k")), []).append(r)
+    keys = sorted(
+        series,
+        key=lambda mk: (
+            ("rift", "rift_bn").index(mk[0]) if mk[0] in ("rift", "rift_bn") else 9,
+            mk[0],
+            mk[1] or 0,
+        ),
+    )
+    methods = sorted({m for m, _ in keys})
+    with style():
+        fig = Figure(figsize=(FULL_WIDTH, 2.8), layout="constrained")
+        axes = fig.subplots(1, 2)
+        columns: list[list[tuple[object, str]]] = []
+        for method in methods:
+            columns.append([])
+            ks = [k for m, k in keys if m == method]
+            base = METHOD_COLORS.get(method, "#777777")
+            shades = sns.light_palette(base, n_colors=len(ks) + 2)[2:] if len(ks) > 1 else [base]
+            for color, k in zip(shades, ks, strict=True):
+                rs = series[(method, k)]
+                alphas = Counter(r["alpha"] for r in rs if r.get("alpha") is not None)
+                a_star = min(alphas, key=lambda a: (-alphas[a], a)) if alphas else None
+                label = METHOD_LABELS.get(method, method) + (f", k={k}" if k is not None else "")
+                label += f" (n={len(rs)})" if len(rs) > 1 else ""
+                for ax, metric in zip(axes, ("clean_acc", "robust_acc"), strict=True):
+                    x, mean, _ = _mean_std(
+                        [[(p["alpha"], p[metric]) for p in r["interpolation"]] for r in rs]
+                    )
+                    (line,) = ax.plot(
+                        x,
+                        mean,
+                        color=color,
+                        linestyle=METHOD_STYLES.get(method, "-"),
+                        marker=".",
+                        label=label,
+                    )
+                    if a_star is not None and np.isclose(x, a_star).any():
+                        ax.scatter(
+                            [a_star],
+                            [mean[np.isclose(x, a_star)][0]],
+                            marker="*",
+                            s=70,
+                            color=color,
+                            edgecolor="black",
+                            linewidth=0.5,
+                            zorder=5,
+                        )
+                columns[-1].append((line, label))
+        for ax, name in zip(axes, ("Clean", "Robust (PGD)"), strict=True):
+            ax.set_xlabel(r"Interpolation factor $\alpha$")
+            _percent_axes(ax, f"{name} accuracy (%)")
+        star = mpl.lines.Line2D(
+            [],
+            [],
+            marker="*",
+            color="white",
+            markerfacecolor="#999999",
+            markeredgecolor="black",
+            markersize=9,
+            linestyle="none",
+        )
+        _column_legend(fig, [*columns, [(star, r"chosen $\alpha^*$")]])
+        fig.suptitle(
+            title
+            or r"Interpolation $\theta(\alpha) = (1-\alpha)\,\theta_{AT} + \alpha\,\theta_{FT}$"
+            " (selection split)"
+        )
+    return fig
+
+
+def plot_mrc(
+    tables: Mapping[str, Sequence[dict]], selected: Sequence[str] = (), title: str | None = None
+) -> Figure:
+    """Per module: MRC (top) and robust-accuracy drop (bottom), bars coloured by layer type.
+
+    ``tables`` maps an estimator name (``exact``, ``linear``) to its MRC rows; several estimators are drawn
+    side by side (hatched = linear). ``selected`` modules (lowest MRC first) get a black edge and their
+    rank above the bar.
+    """
+    names: list[str] = []
+    types: dict[str, str] = {}
+    for rows in tables.values():
+        for row in rows:
+            if row["name"] not in types:
+                names.append(row["name"])
+                types[row["name"]] = row.get("type", "?")
+    rank = {name: i + 1 for i, name in enumerate(selected)}
+    ests = list(tables)
+    width = 0.8 / len(ests)
+    x = np.arange(len(names))
+    with style():
+        fig = Figure(figsize=(FULL_WIDTH, 4.4), layout="constrained")
+        ax_mrc, ax_drop = fig.subplots(2, 1, sharex=True)
+        for i, est in enumerate(ests):
+            by_name = {row["name"]: row for row in tables[est]}
+            offset = (i - (len(ests) - 1) / 2) * width
+            for ax, key in ((ax_mrc, "mrc"), (ax_drop, "robust_acc_drop")):
+                vals = [by_name.get(n, {}).get(key) for n in names]
+                vals = [np.nan if v is None else float(v) for v in vals]
+                colors = [TYPE_COLORS.get(types[n], "#999999") for n in names]
+                edges = ["black" if n in rank else "none" for n in names]
+                ax.bar(
+                    x + offset,
+                    vals,
+                    width=width,
+                    color=colors,
+                    edgecolor=edges,
+                    linewidth=0.9,
+                    hatch=ESTIMATOR_HATCH.get(est, "...") if len(ests) > 1 else None,
+                    label=est,
+                )
+            if i == 0:
+                for n in rank:
+                    if by_name.get(n, {}).get("mrc") is not None:
+                        j = names.index(n)
+                        ax_mrc.annotate(
+                            str(rank[n]),
+                            (x[j] + offset, float(by_name[n]["mrc"])),
+                            xytext=(0, 1.5),
+                            textcoords="offset points",
+                            ha="center",
+                            va="bottom",
+                            fontsize=6,
+                            fontweight="bold",
+                        )
+        all_mrc = np.array(
+            [row["mrc"] for rows in tables.values() for row in rows if row.get("mrc") is not None],
+            dtype=float,
+        )
+        log_scale = bool(len(all_mrc) and (all_mrc > 0).all() and all_mrc.max() / all_mrc.min() > 30)
+        if log_scale:
+            ax_mrc.set_yscale("log")
+        ax_mrc.set_ylabel("MRC\n(loss increase" + (", log)" if log_scale else ")"))
+        ax_drop.set_ylabel("Robust-acc. drop\n(% points)")
+        ax_drop.set_xticks(x, names, rotation=90, fontsize=5.5)
+        ax_drop.set_xlim(-0.6, len(names) - 0.4)
+        for ax in (ax_mrc, ax_drop):
+            ax.grid(axis="x", visible=False)
+        for label in ax_drop.get_xticklabels():
+            if label.get_text() in rank:
+                label.set_fontweight("bold")
+        present = [t for t in TYPE_COLORS if t in types.values()]
+        handles = [
+            Patch(facecolor=TYPE_COLORS[t], label={"bn": "BN"}.get(t, t.capitalize())) for t in present
+        ]
+        handles.append(
+            Patch(facecolor="white", edgecolor="black", label="selected (number = rank, lowest MRC first)")
+        )
+        if len(ests) > 1:
+            handles += [
+                Patch(facecolor="#BBBBBB", hatch=ESTIMATOR_HATCH.get(e, "..."), label=f"{e} estimate")
+                for e in ests
+            ]
+        ncol = len(handles) if len(handles) <= 4 else -(-len(handles) // 2)
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, frameon=False)
+        fig.align_ylabels([ax_mrc, ax_drop])
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_bn_kde(
+    samples: Mapping[str, Mapping[str, np.ndarray]],
+    title: str | None = None,
+    panel_note: Mapping[str, str] | None = None,
+    legend_labels: Mapping[str, str] | None = None,
+) -> Figure:
+    """Figure 3: KDE of BN-layer outputs on adversarial examples, one panel per layer, one line per model.
+
+    ``samples[layer][model]`` is a 1-D array of output values, ``model`` in ``init``, ``RiFT``,
+    ``RiFT with BN``; ``panel_note[layer]`` is added to a panel title, ``legend_labels[model]`` replaces
+    the model's legend text (e.g. with its alpha*).
+    """
+    panel_note, legend_labels = panel_note or {}, legend_labels or {}
+    layers = list(samples)
+    ncols = min(len(layers), 2)
+    nrows = -(-len(layers) // ncols)
+    colors = {
+        "init": METHOD_COLORS["init"],
+        "RiFT": METHOD_COLORS["rift"],
+        "RiFT with BN": METHOD_COLORS["rift_bn"],
+    }
+    styles = {"init": ":", "RiFT": "--", "RiFT with BN": "-"}
+    with style():
+        fig = Figure(figsize=(COL_WIDTH * ncols, 2.4 * nrows + 0.5), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        for ax, layer in zip(axes, layers, strict=False):
+            for label, values in samples[layer].items():
+                lo, hi = np.percentile(values, [0.5, 99.5])
+                sns.kdeplot(
+                    x=values,
+                    ax=ax,
+                    color=colors.get(label),
+                    linestyle=styles.get(label, "-"),
+                    label=legend_labels.get(label, label),
+                    clip=(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)),
+                    bw_adjust=1.0,
+                )
+            all_vals = np.concatenate([np.asarray(v) for v in samples[layer].values()])
+            lo, hi = np.percentile(all_vals, [0.5, 99.5])
+            ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
+            ax.set_title(layer + (f" ({panel_note[layer]})" if layer in panel_note else ""), fontsize=7.5)
+            ax.set_xlabel("BN output value")
+            ax.set_ylabel("Density")
+        for ax in axes[len(layers) :]:
+            ax.set_visible(False)
+        handles, labels = axes[0].get_legend_handles_labels()
+        _legend_below(fig, handles, labels, ncol=len(labels))
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def dataset_title(dataset: str, what: str) -> str:
+    return f"{dataset_label(dataset)}: {what}"

@@ -1,0 +1,86 @@
+"""End-to-end runs through the real entry point (subprocesses, real CIFAR-10 images)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rift_bn.models import build_model
+from rift_bn.models.checkpoint import load_into, read_state_dict
+from tests.conftest import load_results, results_paths
+
+pytestmark = pytest.mark.slow
+
+
+def test_adversarial_training_smoke(cli) -> None:
+    proc = cli("+experiment=at")
+    (path,) = results_paths(proc)
+    assert path.parent == cli.tmp / "out1" and path.exists()
+    r = json.loads(path.read_text())
+    assert r["stage"] == "at" and r["dataset"] == "cifar10" and r["model"] == "resnet18" and r["method"] is None
+    assert r["base"] == r["final"] and r["delta"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    for key in ("clean_acc", "robust_acc"):
+        assert 0.0 <= r["final"][key] <= 100.0
+    assert r["test_split_reads_before_report"] == 0
+    assert r["config"]["attack"]["steps"] == 10 and r["config"]["model"]["width"] == 8
+    assert [h["epoch"] for h in r["base_training"]["history"]] == [1]
+    assert "adversarial_training" in r["timings"]
+    ckpt = cli.cache / "base" / r["base"]["checkpoint"].rsplit("/", 1)[-1]
+    assert ckpt.exists() and ckpt.with_suffix(".json").exists()
+    model = build_model("resnet18", 10, 8)
+    load_into(model, read_state_dict(ckpt))  # strict: the published key layout
+    # The base model is cached: a forced rerun reuses it and reproduces the test numbers exactly.
+    again = load_results(cli("+experiment=at", "force=true"))[0]
+    assert "adversarial_training" not in again["timings"]
+    assert again["final"] == r["final"]
+
+
+def test_topk_multirun(cli) -> None:
+    proc = cli("+experiment=topk", "data=cifar10", "k=1,2", multirun=True)
+    runs = load_results(proc)
+    assert sorted((r["method"], r["k"]) for r in runs) == [("rift", 1), ("rift", 2), ("rift_bn", 1), ("rift_bn", 2)]
+    assert len({json.dumps(r["base"]) for r in runs}) == 1  # one base model, evaluated once, shared
+    tables = {}
+    for r in runs:
+        assert r["stage"] == "finetune" and r["dataset"] == "cifar10"
+        assert r["test_split_reads_before_report"] == 0
+        kinds = {"conv", "linear"} | ({"bn"} if r["method"] == "rift_bn" else set())
+        assert {row["type"] for row in r["mrc"]} == kinds
+        assert len(r["mrc"]) == (21 if r["method"] == "rift" else 41)
+        lowest = sorted(r["mrc"], key=lambda row: row["mrc"])[: r["k"]]
+        assert [s["name"] for s in r["selected"]] == [row["name"] for row in lowest]
+        assert [p["alpha"] for p in r["interpolation"]] == [0.0, 0.5, 1.0] and r["alpha"] in (0.0, 0.5, 1.0)
+        assert [h["epoch"] for h in r["history"]] == [0, 1]
+        assert r["interpolation"][0]["clean_acc"] == r["history"][0]["clean_acc"]
+        final = build_model("resnet18", 10, 8)
+        load_into(final, read_state_dict(r["final"]["checkpoint"]))
+        assert r["delta"]["clean_acc"] == pytest.approx(r["final"]["clean_acc"] - r["base"]["clean_acc"])
+        tables.setdefault(r["method"], []).append(r["mrc_source"])
+        tables[r["method"] + "_rows"] = {row["name"]: row["mrc"] for row in r["mrc"]}
+    # MRC computed once per module: the first job of each method computes, the second hits the cache.
+    assert sorted(tables["rift"]) == ["cache", "computed"] and sorted(tables["rift_bn"]) == ["cache", "computed"]
+    shared = tables["rift_rows"].items()
+    assert all(tables["rift_bn_rows"][name] == value for name, value in shared)
+    assert len(list((cli.cache / "mrc").glob("*.json"))) == 1 and len(list((cli.cache / "base").glob("*.pt"))) == 1
+
+
+def test_k_above_candidates_is_a_one_line_error(cli) -> None:
+    proc = cli("method=rift", "k=99", check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: k=99:") and "21" in lines[-1]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not list(cli.tmp.rglob("results.json")) and not (cli.cache / "base").exists()
+
+
+def test_final_model_matches_its_checkpoint(cli) -> None:
+    (r,) = load_results(cli("method=bn_only"))
+    assert r["k"] is None and r["mrc"] == [] and r["mrc_source"] is None
+    assert {s["type"] for s in r["selected"]} == {"bn"} and len(r["selected"]) == 20
+    final = torch.load(r["final"]["checkpoint"], weights_only=True)
+    base = torch.load(r["base"]["checkpoint"], weights_only=True)
+    changed = {k for k in base if not torch.equal(base[k], final[k])}
+    if r["alpha"] > 0:  # only BN tensors may move under bn_only
+        assert changed and all(".bn" in k or "shortcut.1" in k or k.startswith("bn1") for k in changed)

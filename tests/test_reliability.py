@@ -1,0 +1,145 @@
+"""Bad input, interruption, untrusted checkpoints, numerical faults, determinism (real entry point)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rift_bn.models import build_model
+from rift_bn.models.checkpoint import save_state_dict
+from tests.conftest import TINY, load_results
+
+pytestmark = pytest.mark.slow
+
+
+def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit 2, one line on stderr naming the setting, no traceback, nothing written."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: "), proc.stderr[-2000:]
+    for needle in needles:
+        assert needle in line, line
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not list(proc.out_dir.parent.rglob("results.json"))
+    return line
+
+
+@pytest.mark.parametrize(("overrides", "needles"), [
+    (["data=imagenet"], ["data=imagenet", "cifar10, cifar100"]),
+    (["model=vgg"], ["model=vgg", "resnet18"]),
+    (["method=lora"], ["method=lora", "rift_bn"]),
+    (["k=0"], ["k=0"]),
+    (["method=rift", "k=22"], ["k=22", "21"]),
+    (["attack.eps=16"], ["attack.eps=16", "[0, 1]"]),
+    (["attack.alpha=0"], ["attack.alpha=0"]),
+    (["finetune.epochs=-2"], ["finetune.epochs=-2"]),
+    (["at.epochs=0"], ["at.epochs=0"]),
+    (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "spelling"]),
+    (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
+    (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
+    (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
+])
+def test_bad_settings_are_refused_before_any_work(cli, overrides, needles) -> None:
+    multirun = any("," in o for o in overrides)
+    assert_refused(cli(*overrides, check=False, multirun=multirun), *needles)
+    assert not cli.cache.exists()
+
+
+def test_missing_data_root_offline(cli, tmp_path) -> None:
+    line = assert_refused(cli(f"data.root={tmp_path / 'nowhere'}", "data.download=false", check=False), "data.root=")
+    assert "cifar-10-batches-py" in line
+
+
+class Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_untrusted_and_mismatched_checkpoints(cli, tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Payload(marker)}, evil)
+    line = assert_refused(cli("+experiment=at", f"base.checkpoint={evil}", check=False), "refused")
+    assert not marker.exists()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(os.urandom(1000))
+    assert_refused(cli("+experiment=at", f"base.checkpoint={garbage}", check=False), str(garbage))
+    wide = tmp_path / "wide.pt"
+    save_state_dict(build_model("resnet18", 10, 16), wide)  # TINY uses width 8
+    assert_refused(cli("+experiment=at", f"base.checkpoint={wide}", check=False), "model.width")
+    classes = tmp_path / "c100.pt"
+    save_state_dict(build_model("resnet18", 100, 8), classes)
+    assert_refused(cli("+experiment=at", f"base.checkpoint={classes}", check=False), "linear")
+    assert "refused" in line and not (cli.cache / "base").exists()
+
+
+def test_nan_stops_the_run_naming_stage_and_module(cli) -> None:
+    line = assert_refused(cli("method=rift", "mrc.lr=.inf", check=False), "mrc", "module conv1")
+    assert "mrc.lr" in line
+    assert not (cli.cache / "mrc").exists() or not list((cli.cache / "mrc").glob("*.json"))
+    assert_refused(cli("method=full", "finetune.lr=1e30", check=False), "fine-tuning", "finetune.lr")
+
+
+def _kill_when(cmd: list[str], env: dict, cwd: Path, path_glob: str, root: Path, timeout: float = 400) -> None:
+    """Start ``cmd`` and kill -9 it as soon as a file matching ``path_glob`` exists under ``root``."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    t0 = time.time()
+    try:
+        while not list(root.glob(path_glob)):
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            assert time.time() - t0 < timeout
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_kill_9_then_resume(cli) -> None:
+    args = [*TINY, "+experiment=at", "at.epochs=3", "at.milestones=[3]"]
+    cmd = [sys.executable, "-m", "rift_bn.run", *args, f"hydra.run.dir={cli.tmp / 'killed'}"]
+    _kill_when(cmd, cli.env, cli.tmp, "base/*.work/last.ckpt", cli.cache)
+    assert not list(cli.tmp.rglob("results.json")) and not list((cli.cache / "base").glob("*.pt"))
+    proc = cli("+experiment=at", "at.epochs=3", "at.milestones=[3]")
+    assert "resuming from" in proc.stdout
+    (r,) = load_results(proc)
+    assert [h["epoch"] for h in r["base_training"]["history"]] == [1, 2, 3]
+    # fine-tuning is resumable too
+    ft = [*TINY, "method=full", "finetune.epochs=3", "finetune.milestones=[2]"]
+    cmd = [sys.executable, "-m", "rift_bn.run", *ft, f"hydra.run.dir={cli.tmp / 'killed2'}"]
+    _kill_when(cmd, cli.env, cli.tmp, "runs/*/last.ckpt", cli.cache)
+    proc = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]")
+    assert "resuming from" in proc.stdout
+    (r,) = load_results(proc)
+    assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
+    # a finished job is skipped when rerun, and recomputed with force=true
+    again = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]")
+    assert "complete already" in again.stdout
+    assert json.loads(Path(again.stdout.split("results: ")[-1].strip()).read_text())["final"] == r["final"]
+    forced = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]", "force=true")
+    assert "complete already" not in forced.stdout and "resuming" not in forced.stdout
+
+
+def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:
+    from tests.conftest import CLI
+
+    runs = []
+    for name in ("a", "b"):  # cold caches: base training, MRC, fine-tuning all recomputed
+        (tmp_path / name).mkdir()
+        runs.append(load_results(CLI(tmp_path / name, cifar_root)("method=rift_bn", "k=2"))[0])
+    a, b = runs
+    for key in ("mrc", "selected", "base", "final", "delta", "alpha", "interpolation", "history"):
+        if key in ("base", "final"):
+            a[key].pop("checkpoint"), b[key].pop("checkpoint")
+        assert a[key] == b[key], key

@@ -1,0 +1,115 @@
+"""W&B records, DDP inside a run, parallel sweep jobs, and shared caches under races."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rift_bn import cache
+from tests.conftest import load_results
+
+pytestmark = pytest.mark.slow
+
+
+def _wandb(args: list[str]) -> str:
+    return subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def wandb_runs(root: Path) -> list[dict]:
+    """Every offline W&B run below ``root``: summary view and history records."""
+    runs = []
+    for f in sorted(root.rglob("offline-run-*/run-*.wandb")):
+        info = json.loads(_wandb(["--summary", "--json", str(f)]))
+        records = [json.loads(line) for line in _wandb(["--json", str(f)]).splitlines() if line.strip()]
+        runs.append({"info": info, "records": records, "text": json.dumps(records)})
+    return runs
+
+
+def test_wandb_offline_run_holds_what_dashboards_need(cli) -> None:
+    proc = cli("method=rift_bn", "k=2", "logger=wandb")
+    (r,) = load_results(proc)
+    runs = wandb_runs(proc.out_dir)
+    assert len(runs) == 2  # the base model's adversarial training, then this fine-tuning run
+    text = json.dumps([run["info"] for run in runs])
+    ft = next(run for run in runs if '"finetune"' in json.dumps(run["info"]))
+    info = json.dumps(ft["info"])
+    for tag in ("data:cifar10", "method:rift_bn", "k:2", "seed:0", "stage:finetune"):
+        assert tag in info, tag
+    assert r["config"]["finetune"]["lr"] == ft["info"]["config"]["finetune"]["lr"]
+    summary = ft["info"]["summary"]
+    assert summary["test/clean_acc"] == pytest.approx(r["final"]["clean_acc"])
+    assert summary["test/robust_acc"] == pytest.approx(r["final"]["robust_acc"])
+    assert summary["delta/clean_acc"] == pytest.approx(r["delta"]["clean_acc"])
+    assert summary["alpha"] == r["alpha"]
+    assert summary["selected"] == [s["name"] for s in r["selected"]]
+    for key in ("val/clean_acc", "val/robust_acc", "train/loss", "mrc_table", "interpolation"):
+        assert key in ft["text"], key
+    assert '"at"' in text  # job_type of the base-model run
+    group = r["config"]["logger"]["group"] or "run-"
+    assert group in text
+
+
+def _same_choices(runs: list[dict]) -> dict:
+    return {(r["method"], r["k"]): ([s["name"] for s in r["selected"]], r["final"], r["alpha"]) for r in runs}
+
+
+def test_ddp_two_processes_match_single_process(cli) -> None:
+    single = load_results(cli("method=rift_bn", "k=1,2", multirun=True))
+    ddp = cli("method=rift_bn", "k=1,2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+              "force=true", multirun=True)
+    runs = load_results(ddp)
+    assert len(runs) == 2 and len(list(ddp.out_dir.rglob("results.json"))) == 2
+    assert all(r["config"]["trainer"]["strategy"] == "ddp" for r in runs)
+    one = {r["k"]: [s["name"] for s in r["selected"]] for r in single}
+    assert {r["k"]: [s["name"] for s in r["selected"]] for r in runs} == one
+    assert all(r["mrc_source"] == "cache" for r in runs)  # computed once, by the single-process sweep
+    assert all(r["history"][-1]["epoch"] == 1 for r in runs)
+
+
+def test_parallel_launcher_matches_serial_sweep(tmp_path, cifar_root) -> None:
+    from tests.conftest import CLI
+
+    (tmp_path / "serial").mkdir()
+    (tmp_path / "parallel").mkdir()
+    sweep = ("+experiment=topk", "data=cifar10", "k=1,2")
+    serial = load_results(CLI(tmp_path / "serial", cifar_root)(*sweep, multirun=True))
+    par = CLI(tmp_path / "parallel", cifar_root)
+    runs = load_results(par(*sweep, "hydra/launcher=parallel", "hydra.launcher.n_jobs=2", multirun=True))
+    assert len(runs) == 4
+    # two jobs started together on a cold cache: one trained the base model, the other waited for it
+    assert sum("adversarial_training" in r["timings"] for r in runs) == 1
+    assert len(list((par.cache / "base").glob("*.pt"))) == 1
+    assert _same_choices(runs) == _same_choices(serial)
+
+
+def _compute_once(path: str, log: str) -> None:
+    def compute() -> dict:
+        with open(log, "a") as f:
+            f.write("computed\n")
+        import time
+
+        time.sleep(1.0)
+        return {"value": 42}
+
+    value, _ = cache.cached(path, compute, cache.write_json, cache.read_json)
+    assert value == {"value": 42}
+
+
+def test_cache_computes_once_under_a_race(tmp_path) -> None:
+    path, log = str(tmp_path / "entry.json"), str(tmp_path / "log")
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_compute_once, args=(path, log)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert Path(log).read_text() == "computed\n"
+    assert json.loads(Path(path).read_text()) == {"value": 42}
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # nothing torn or left behind
