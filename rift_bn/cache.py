@@ -66,8 +66,13 @@ def locked(path: str | Path, enabled: bool = True) -> Iterator[None]:
         yield
 
 
-def cached(path: str | Path, compute: Callable[[], T], save: Callable[[Path, T], None],
-           load: Callable[[Path], T], lock: bool = True) -> tuple[T, str]:
+def cached(
+    path: str | Path,
+    compute: Callable[[], T],
+    save: Callable[[Path, T], None],
+    load: Callable[[Path], T],
+    lock: bool = True,
+) -> tuple[T, str]:
     """Load ``path`` if present, else compute and save it, once across processes. Returns (value, source)."""
     path = Path(path)
     if path.exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -34,7 +35,8 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> None:
 
 
 def _at_least(value: object, key: str, low: float, hint: str = "") -> None:
-    if value is None or not isinstance(value, int | float) or isinstance(value, bool) or value < low:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < low:
         raise ConfigError(f"{key}={value}: must be a number >= {low}{hint}")
 
 
@@ -52,9 +54,13 @@ def validate(cfg: DictConfig) -> None:
     for prefix, attack in (("attack", cfg.attack), ("at.attack", cfg.at.attack)):
         eps, alpha = pixels(attack.eps, f"{prefix}.eps"), pixels(attack.alpha, f"{prefix}.alpha")
         if not 0 <= eps <= 1:
-            raise ConfigError(f"{prefix}.eps={attack.eps}: must lie in [0, 1] on the pixel scale (paper: 8/255)")
+            raise ConfigError(
+                f"{prefix}.eps={attack.eps}: must lie in [0, 1] on the pixel scale (paper: 8/255)"
+            )
         if not 0 < alpha <= 1:
-            raise ConfigError(f"{prefix}.alpha={attack.alpha}: must lie in (0, 1] on the pixel scale (paper: 2/255)")
+            raise ConfigError(
+                f"{prefix}.alpha={attack.alpha}: must lie in (0, 1] on the pixel scale (paper: 2/255)"
+            )
         _at_least(attack.steps, f"{prefix}.steps", 0)
     _at_least(cfg.attack.restarts, "attack.restarts", 1)
     for key in ("at.epochs", "finetune.epochs", "mrc.epochs"):
@@ -78,5 +84,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.base.checkpoint is not None:
         path = Path(str(cfg.base.checkpoint)).expanduser()
         if not path.is_file():
-            raise ConfigError(f"base.checkpoint={cfg.base.checkpoint}: file not found; pass an existing "
-                              "checkpoint or base.checkpoint=null to use (or train) the cached base model")
+            raise ConfigError(
+                f"base.checkpoint={cfg.base.checkpoint}: file not found; pass an existing "
+                "checkpoint or base.checkpoint=null to use (or train) the cached base model"
+            )

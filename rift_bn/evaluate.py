@@ -23,23 +23,34 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: Tensor, y: Tensor, attack: PGD | None, num_classes: int, batch_size: int = 500,
-    device: torch.device | str = "cpu", precision: str = "32-true", autoattack_eps: float | None = None,
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: PGD | None,
+    num_classes: int,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    autoattack_eps: float | None = None,
 ) -> dict[str, float]:
     """Clean accuracy and accuracy under ``attack`` (and AutoAttack if ``autoattack_eps``), in percent."""
     device = torch.device(device)
     was_training = model.training
     model.eval()
-    metrics = {name: MulticlassAccuracy(num_classes, average="micro").to(device)
-               for name in ("clean_acc", "robust_acc", "autoattack_acc")}
+    metrics = {
+        name: MulticlassAccuracy(num_classes, average="micro").to(device)
+        for name in ("clean_acc", "robust_acc", "autoattack_acc")
+    }
     for i in range(0, len(x), batch_size):
-        xb, yb = to_float(x[i:i + batch_size].to(device)), y[i:i + batch_size].to(device)
+        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
         with autocast(device, precision):
             metrics["clean_acc"].update(model(xb), yb)
             if attack is not None:
                 metrics["robust_acc"].update(model(attack(model, xb, yb)), yb)
             if autoattack_eps is not None:
-                metrics["autoattack_acc"].update(model(autoattack(model, xb, yb, autoattack_eps, num_classes)), yb)
+                metrics["autoattack_acc"].update(
+                    model(autoattack(model, xb, yb, autoattack_eps, num_classes)), yb
+                )
     model.train(was_training)
     out = {"clean_acc": 100 * metrics["clean_acc"].compute().item()}
     if attack is not None:

@@ -24,14 +24,20 @@ def interpolate_state(base: dict[str, Tensor], tuned: dict[str, Tensor], alpha: 
     return out
 
 
-def choose_alpha(curve: Sequence[dict[str, float]], base_robust_acc: float, tolerance: float) -> dict[str, float]:
+def choose_alpha(
+    curve: Sequence[dict[str, float]], base_robust_acc: float, tolerance: float
+) -> dict[str, float]:
     """Best clean accuracy among the points whose robust accuracy >= base - tolerance (ties: more robust)."""
-    ok = [p for p in curve if p["robust_acc"] >= base_robust_acc - tolerance] or [min(curve, key=lambda p: p["alpha"])]
+    ok = [p for p in curve if p["robust_acc"] >= base_robust_acc - tolerance] or [
+        min(curve, key=lambda p: p["alpha"])
+    ]
     return max(ok, key=lambda p: (p["clean_acc"], p["robust_acc"], -p["alpha"]))
 
 
 def interpolation_curve(
-    base: dict[str, Tensor], tuned: dict[str, Tensor], alphas: Sequence[float],
+    base: dict[str, Tensor],
+    tuned: dict[str, Tensor],
+    alphas: Sequence[float],
     evaluate_state: Callable[[dict[str, Tensor]], dict[str, float]],
 ) -> list[dict[str, float]]:
     """Evaluate theta(a) for every a in ``alphas`` with ``evaluate_state`` (clean and robust accuracy)."""

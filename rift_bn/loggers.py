@@ -44,10 +44,17 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
     mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
     method = f"-{cfg.method.name}-k{cfg.k}" if cfg.stage == "finetune" and job_type != "at" else ""
     return WandbLogger(
-        project=cfg.logger.project, entity=cfg.logger.get("entity"), save_dir=str(output_dir),
-        name=f"{job_type}-{cfg.data.name}{method}-s{cfg.seed}", group=run_group(cfg, output_dir),
-        job_type=job_type, tags=run_tags(cfg), offline=mode == "offline", mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True), log_model=False,
+        project=cfg.logger.project,
+        entity=cfg.logger.get("entity"),
+        save_dir=str(output_dir),
+        name=f"{job_type}-{cfg.data.name}{method}-s{cfg.seed}",
+        group=run_group(cfg, output_dir),
+        job_type=job_type,
+        tags=run_tags(cfg),
+        offline=mode == "offline",
+        mode=mode,
+        config=OmegaConf.to_container(cfg, resolve=True),
+        log_model=False,
     )
 
 
@@ -61,18 +68,35 @@ def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
     summary = {f"test/{k}": v for k, v in results["final"].items() if k != "checkpoint"}
     summary |= {f"base/{k}": v for k, v in results["base"].items() if k != "checkpoint"}
     summary |= {f"delta/{k}": v for k, v in (results.get("delta") or {}).items()}
-    summary |= {"alpha": results.get("alpha"), "selected": [s["name"] for s in results.get("selected", [])],
-                "mrc_source": results.get("mrc_source")}
+    summary |= {
+        "alpha": results.get("alpha"),
+        "selected": [s["name"] for s in results.get("selected", [])],
+        "mrc_source": results.get("mrc_source"),
+    }
     run.summary.update(summary)
     if results.get("mrc"):
         cols = ["name", "type", "mrc", "robust_acc_drop", "selected"]
         chosen = {s["name"] for s in results.get("selected", [])}
-        run.log({"mrc_table": wandb.Table(columns=cols, data=[
-            [r["name"], r["type"], r["mrc"], r.get("robust_acc_drop"), r["name"] in chosen] for r in results["mrc"]])})
+        run.log(
+            {
+                "mrc_table": wandb.Table(
+                    columns=cols,
+                    data=[
+                        [r["name"], r["type"], r["mrc"], r.get("robust_acc_drop"), r["name"] in chosen]
+                        for r in results["mrc"]
+                    ],
+                )
+            }
+        )
     if results.get("interpolation"):
         cols = ["alpha", "clean_acc", "robust_acc"]
-        run.log({"interpolation": wandb.Table(columns=cols, data=[[p[c] for c in cols]
-                                                                   for p in results["interpolation"]])})
+        run.log(
+            {
+                "interpolation": wandb.Table(
+                    columns=cols, data=[[p[c] for c in cols] for p in results["interpolation"]]
+                )
+            }
+        )
 
 
 def finish(logger: Logger | None) -> None:

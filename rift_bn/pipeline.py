@@ -27,17 +27,22 @@ from rift_bn.evaluate import evaluate
 from rift_bn.interpolate import choose_alpha, interpolate_state
 from rift_bn.loggers import finish, log_summary, make_logger
 from rift_bn.models import build_model
-from rift_bn.models.checkpoint import file_sha256, load_into, read_state_dict, save_state_dict
+from rift_bn.models.checkpoint import CheckpointError, load_into, read_state_dict, save_state_dict
 from rift_bn.modules import AdversarialTraining, FineTuning
-from rift_bn.mrc import MRCProtocol, compute_mrc, select_lowest
+from rift_bn.mrc import MRCProtocol, compute_mrc
 
 # Settings that change no number: left out of every cache key.
 NON_RESULT_KEYS = ("logger", "force", "cache_dir", "trainer.progress_bar", "trainer.log_every_n_steps")
 
 
 def make_attack(acfg: DictConfig, prefix: str = "attack") -> PGD:
-    return PGD(eps=pixels(acfg.eps, f"{prefix}.eps"), alpha=pixels(acfg.alpha, f"{prefix}.alpha"),
-               steps=int(acfg.steps), random_start=bool(acfg.random_start), restarts=int(acfg.get("restarts", 1)))
+    return PGD(
+        eps=pixels(acfg.eps, f"{prefix}.eps"),
+        alpha=pixels(acfg.alpha, f"{prefix}.alpha"),
+        steps=int(acfg.steps),
+        random_start=bool(acfg.random_start),
+        restarts=int(acfg.get("restarts", 1)),
+    )
 
 
 @contextmanager
@@ -111,8 +116,12 @@ class Run:
 
     def plain(self, *keys: str) -> Any:
         """Resolved plain-Python view of config sections (for cache keys and results)."""
-        return {k: OmegaConf.to_container(self.cfg[k], resolve=True) if isinstance(self.cfg[k], DictConfig)
-                else self.cfg[k] for k in keys}
+        return {
+            k: OmegaConf.to_container(self.cfg[k], resolve=True)
+            if isinstance(self.cfg[k], DictConfig)
+            else self.cfg[k]
+            for k in keys
+        }
 
     def split_key(self) -> dict:
         d = self.cfg.data
@@ -120,18 +129,35 @@ class Run:
 
     def new_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        return build_model(m.name, self.dm.num_classes, m.width)
+        model = build_model(m.name, self.dm.num_classes, m.width)
+        return model.to(memory_format=torch.channels_last) if m.channels_last else model
 
     def trainer(self, max_epochs: int, work_dir: Path, logger: Any, callbacks: list) -> L.Trainer:
         t = self.cfg.trainer
-        ckpt = ModelCheckpoint(dirpath=str(work_dir), filename="last", save_last=False, save_top_k=1,
-                               every_n_epochs=1, enable_version_counter=False)
+        ckpt = ModelCheckpoint(
+            dirpath=str(work_dir),
+            filename="last",
+            save_last=False,
+            save_top_k=1,
+            every_n_epochs=1,
+            enable_version_counter=False,
+        )
         return L.Trainer(
-            accelerator=t.accelerator, devices=[self.gpu] if self.gpu is not None else t.devices, strategy=t.strategy, num_nodes=t.num_nodes,
-            precision=t.precision, max_epochs=max_epochs, logger=logger if logger is not None else False,
-            callbacks=[*callbacks, ckpt], enable_progress_bar=t.progress_bar, enable_model_summary=False,
-            num_sanity_val_steps=0, inference_mode=False, deterministic=t.deterministic,
-            log_every_n_steps=t.log_every_n_steps, default_root_dir=str(self.output_dir),
+            accelerator=t.accelerator,
+            devices=[self.gpu] if self.gpu is not None else t.devices,
+            strategy=t.strategy,
+            num_nodes=t.num_nodes,
+            precision=t.precision,
+            max_epochs=max_epochs,
+            logger=logger if logger is not None else False,
+            callbacks=[*callbacks, ckpt],
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            inference_mode=False,
+            deterministic=t.deterministic,
+            log_every_n_steps=t.log_every_n_steps,
+            default_root_dir=str(self.output_dir),
         )
 
     def fit(self, trainer: L.Trainer, module: L.LightningModule, work_dir: Path) -> None:
@@ -140,8 +166,9 @@ class Run:
         if last.exists() and self.rank == 0:
             print(f"resuming from {last}", flush=True)
         with ddp_relaunch(trainer, self.output_dir):
-            trainer.fit(module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None,
-                        weights_only=True)
+            trainer.fit(
+                module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
+            )
         if trainer.world_size > 1:
             if not trainer.is_global_zero:
                 sys.exit(0)  # rank 0 alone goes on to the single-process stages
@@ -149,12 +176,21 @@ class Run:
                 torch.distributed.destroy_process_group()
         module.to(self.device)
 
-    def evaluate(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int,
-                 autoattack: bool = False) -> dict[str, float]:
+    def evaluate(
+        self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int, autoattack: bool = False
+    ) -> dict[str, float]:
         with seeded(seed):
-            return evaluate(model.to(self.device), x, y, make_attack(self.cfg.attack), self.dm.num_classes,
-                            self.cfg.eval.batch_size, self.device, self.cfg.trainer.precision,
-                            autoattack_eps=pixels(self.cfg.attack.eps, "attack.eps") if autoattack else None)
+            return evaluate(
+                model.to(self.device),
+                x,
+                y,
+                make_attack(self.cfg.attack),
+                self.dm.num_classes,
+                self.cfg.eval.batch_size,
+                self.device,
+                self.cfg.trainer.precision,
+                autoattack_eps=pixels(self.cfg.attack.eps, "attack.eps") if autoattack else None,
+            )
 
     # ---- stage: base model -------------------------------------------------------------------------
     def base_checkpoint(self) -> tuple[Path, bool]:
@@ -162,23 +198,39 @@ class Run:
         if self.cfg.base.checkpoint is not None:
             return Path(str(self.cfg.base.checkpoint)).expanduser().resolve(), True
         c = self.cfg
-        key = cache.digest({**self.plain("at", "attack"), **self.split_key(), "train_subset": c.data.train_subset,
-                            "model": self.plain("model")["model"] | {"compile": None, "channels_last": None},
-                            "trainer.precision": c.trainer.precision})
-        path = self.cache_dir / "base" / f"{c.data.name}-{c.model.name}-w{c.model.width}-seed{c.seed}-{key}.pt"
+        key = cache.digest(
+            {
+                **self.plain("at", "attack"),
+                **self.split_key(),
+                "train_subset": c.data.train_subset,
+                "model": self.plain("model")["model"] | {"compile": None, "channels_last": None},
+                "trainer.precision": c.trainer.precision,
+            }
+        )
+        path = (
+            self.cache_dir / "base" / f"{c.data.name}-{c.model.name}-w{c.model.width}-seed{c.seed}-{key}.pt"
+        )
         return path, path.exists()
 
     def base_model(self) -> tuple[torch.nn.Module, Path, dict]:
         path, exists = self.base_checkpoint()
         if not exists:
             if not self.cfg.base.train_if_missing:
-                raise FileNotFoundError(f"base.checkpoint=null: no cached base model at {path} and "
-                                        "base.train_if_missing=false; train one with +experiment=at")
+                raise FileNotFoundError(
+                    f"base.checkpoint=null: no cached base model at {path} and "
+                    "base.train_if_missing=false; train one with +experiment=at"
+                )
             with cache.locked(path, enabled=self.rank == 0):  # DDP ranks > 0 join rank 0's fit instead
                 if not path.exists():
                     self.train_base(path)
         model = self.new_model()
-        load_into(model, read_state_dict(path))
+        try:
+            load_into(model, read_state_dict(path))
+        except CheckpointError as e:
+            msg = str(e)
+            raise CheckpointError(
+                msg if msg.startswith("base.checkpoint=") else f"base.checkpoint={path}: {msg}"
+            ) from None
         info_path = path.with_suffix(".json")
         info = cache.read_json(info_path) if info_path.exists() else {}
         return model.to(self.device), path, info
@@ -189,9 +241,17 @@ class Run:
         logger = self.loggers["at"] = make_logger(cfg, self.output_dir, "at")
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         module = AdversarialTraining(
-            self.new_model(), make_attack(cfg.at.attack, "at.attack"), make_attack(cfg.attack), self.dm.num_classes,
-            lr=cfg.at.lr, momentum=cfg.at.momentum, weight_decay=cfg.at.weight_decay,
-            milestones=tuple(cfg.at.milestones), gamma=cfg.at.gamma, channels_last=cfg.model.channels_last)
+            self.new_model(),
+            make_attack(cfg.at.attack, "at.attack"),
+            make_attack(cfg.attack),
+            self.dm.num_classes,
+            lr=cfg.at.lr,
+            momentum=cfg.at.momentum,
+            weight_decay=cfg.at.weight_decay,
+            milestones=tuple(cfg.at.milestones),
+            gamma=cfg.at.gamma,
+            channels_last=cfg.model.channels_last,
+        )
         if cfg.model.compile:
             module.model.net.compile()
         self.dm.batch_size = cfg.at.batch_size
@@ -201,9 +261,13 @@ class Run:
         best = module.best_state or {k: v.cpu() for k, v in module.model.net.state_dict().items()}
         model = self.new_model()
         model.net.load_state_dict(best)
-        info = {"best_epoch": module.best_epoch, "best_val_robust_acc": module.best_robust_acc,
-                "history": module.history, "seconds": self.timings["adversarial_training"],
-                "config": self.plain("at", "data", "model")}
+        info = {
+            "best_epoch": module.best_epoch,
+            "best_val_robust_acc": module.best_robust_acc,
+            "history": module.history,
+            "seconds": self.timings["adversarial_training"],
+            "config": self.plain("at", "data", "model"),
+        }
         cache.write_json(path.with_suffix(".json"), info)
         save_state_dict(model, path)  # last: its existence marks the base model as complete
         shutil.rmtree(work, ignore_errors=True)
@@ -212,7 +276,9 @@ class Run:
     def adversarial_set(self, model: torch.nn.Module, ckpt_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
         """PGD examples of the selection split on the base model (eval mode), made once per base and split."""
         n = self.cfg.mrc.num_examples or len(self.dm.val_y)
-        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"], "n": n})
+        key = cache.digest(
+            {"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"], "n": n}
+        )
         path = self.cache_dir / "adv" / f"{ckpt_hash[:16]}-{key}.pt"
 
         def compute() -> dict:
@@ -221,21 +287,43 @@ class Run:
 
             attack, bs = make_attack(self.cfg.attack), self.cfg.eval.batch_size
             with seeded(self.cfg.seed + 1):
-                adv = torch.cat([attack(model, to_float(x[i:i + bs].to(self.device)), y[i:i + bs].to(self.device)).cpu()
-                                 for i in range(0, n, bs)])
+                adv = torch.cat(
+                    [
+                        attack(
+                            model, to_float(x[i : i + bs].to(self.device)), y[i : i + bs].to(self.device)
+                        ).cpu()
+                        for i in range(0, n, bs)
+                    ]
+                )
             return {"x": adv, "y": y.clone()}
 
         with self.timed("adversarial_set"):
             data, _ = cache.cached(path, compute, cache.save_tensors, cache.load_tensors, lock=self.rank == 0)
         return data["x"].to(self.device), data["y"].to(self.device)
 
-    def mrc_table(self, model: torch.nn.Module, ckpt_hash: str, kinds: tuple[str, ...]) -> tuple[list[dict], str]:
-        """MRC rows for every candidate of ``kinds``; each module is computed once per base model and protocol."""
+    def mrc_table(
+        self, model: torch.nn.Module, ckpt_hash: str, kinds: tuple[str, ...]
+    ) -> tuple[list[dict], str]:
+        """MRC rows for every candidate of ``kinds``; each module computed once per base and protocol."""
         m = self.cfg.mrc
-        proto = MRCProtocol(epsilon=m.epsilon, epochs=m.epochs, lr=m.lr, batch_size=m.batch_size, shuffle=m.shuffle,
-                            seed=self.cfg.seed)
-        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "n": m.num_examples, "estimator": m.estimator,
-                            "protocol": proto.key(), "attack": self.plain("attack")["attack"]})
+        proto = MRCProtocol(
+            epsilon=m.epsilon,
+            epochs=m.epochs,
+            lr=m.lr,
+            batch_size=m.batch_size,
+            shuffle=m.shuffle,
+            seed=self.cfg.seed,
+        )
+        key = cache.digest(
+            {
+                "ckpt": ckpt_hash,
+                **self.split_key(),
+                "n": m.num_examples,
+                "estimator": m.estimator,
+                "protocol": proto.key(),
+                "attack": self.plain("attack")["attack"],
+            }
+        )
         path = self.cache_dir / "mrc" / f"{ckpt_hash[:16]}-{m.estimator}-{key}.json"
         from rift_bn.models import candidate_modules
 
@@ -249,8 +337,11 @@ class Run:
         if any(n not in table["rows"] for n in wanted):
             with cache.locked(path, enabled=self.rank == 0):
                 table = known()
-                missing = tuple(k for k in kinds if any(r not in table["rows"] for r in
-                                                        [n for n, _, t in candidate_modules(model, {k})]))
+                missing = tuple(
+                    k
+                    for k in kinds
+                    if any(r not in table["rows"] for r in [n for n, _, t in candidate_modules(model, {k})])
+                )
                 if missing:
                     x, y = self.adversarial_set(model, ckpt_hash)
                     with self.timed("mrc"):
@@ -261,8 +352,12 @@ class Run:
                         else:
                             new = compute_mrc(model, x, y, missing, proto, progress=self.progress)
                     table["rows"].update({r["name"]: r for r in new["rows"]})
-                    table |= {"base_loss": new["base_loss"], "base_robust_acc": new["base_robust_acc"],
-                              "estimator": m.estimator, "protocol": proto.key()}
+                    table |= {
+                        "base_loss": new["base_loss"],
+                        "base_robust_acc": new["base_robust_acc"],
+                        "estimator": m.estimator,
+                        "protocol": proto.key(),
+                    }
                     cache.write_json(path, table)
                     source = "computed"
         return [table["rows"][n] for n in wanted], source
@@ -272,14 +367,26 @@ class Run:
         print(f"  mrc {done}/{total}: {name}", flush=True)
 
     # ---- stage: fine-tuning -------------------------------------------------------------------------
-    def finetune(self, base: torch.nn.Module, rows: list[dict] | None, work: Path) -> tuple[FineTuning, list[dict]]:
+    def finetune(
+        self, base: torch.nn.Module, rows: list[dict] | None, work: Path
+    ) -> tuple[FineTuning, list[dict]]:
         cfg, f = self.cfg, self.cfg.finetune
         logger = self.loggers["finetune"] = make_logger(cfg, self.output_dir, "finetune")
-        selection = ModuleSelection(tuple(cfg.method.kinds), cfg.k if rows is not None else None, rows, f.bn_stats)
+        selection = ModuleSelection(
+            tuple(cfg.method.kinds), cfg.k if rows is not None else None, rows, f.bn_stats
+        )
         milestones = tuple(f.milestones) if f.milestones is not None else (max(1, f.epochs // 2),)
-        module = FineTuning(copy.deepcopy(base), make_attack(cfg.attack), self.dm.num_classes, lr=f.lr,
-                            momentum=f.momentum, weight_decay=f.weight_decay, milestones=milestones, gamma=f.gamma,
-                            channels_last=cfg.model.channels_last)
+        module = FineTuning(
+            copy.deepcopy(base),
+            make_attack(cfg.attack),
+            self.dm.num_classes,
+            lr=f.lr,
+            momentum=f.momentum,
+            weight_decay=f.weight_decay,
+            milestones=milestones,
+            gamma=f.gamma,
+            channels_last=cfg.model.channels_last,
+        )
         if cfg.model.compile:
             module.model.net.compile()
         self.dm.batch_size = f.batch_size
@@ -297,8 +404,9 @@ class Run:
         finish(logger)
 
     # ---- stage: interpolation and report ----------------------------------------------------------
-    def interpolate(self, base: torch.nn.Module, tuned: torch.nn.Module, base_val: dict, last_val: dict | None
-                    ) -> tuple[list[dict], dict]:
+    def interpolate(
+        self, base: torch.nn.Module, tuned: torch.nn.Module, base_val: dict, last_val: dict | None
+    ) -> tuple[list[dict], dict]:
         """Selection-split accuracy along theta(a); alpha* by the tolerance rule (DESIGN step 7)."""
         base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
         probe = copy.deepcopy(base)
@@ -308,7 +416,7 @@ class Run:
                 if a == 0.0:
                     point = base_val  # theta(0) is the base model, exactly
                 elif a == 1.0 and last_val is not None:
-                    point = last_val  # theta(1) is the fine-tuned model, evaluated on this split after the last epoch
+                    point = last_val  # theta(1): the fine-tuned model, validated after its last epoch
                 else:
                     probe.load_state_dict(interpolate_state(base_sd, tuned_sd, a))
                     point = self.evaluate(probe, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3)
@@ -320,17 +428,33 @@ class Run:
         key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"]})
         path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-val-{key}.json"
         with self.timed("base_eval"):
-            out, _ = cache.cached(path, lambda: self.evaluate(model, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3),
-                                  cache.write_json, cache.read_json)
+            out, _ = cache.cached(
+                path,
+                lambda: self.evaluate(model, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3),
+                cache.write_json,
+                cache.read_json,
+            )
         return out
 
     def base_test(self, model: torch.nn.Module, ckpt_hash: str) -> dict:
         d = self.cfg.data
-        key = cache.digest({"ckpt": ckpt_hash, "data": d.name, "test_subset": d.test_subset, "aa": self.cfg.eval.autoattack,
-                            "attack": self.plain("attack")["attack"], "seed": self.cfg.seed})
+        key = cache.digest(
+            {
+                "ckpt": ckpt_hash,
+                "data": d.name,
+                "test_subset": d.test_subset,
+                "aa": self.cfg.eval.autoattack,
+                "attack": self.plain("attack")["attack"],
+                "seed": self.cfg.seed,
+            }
+        )
         path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-test-{key}.json"
         x, y = self.dm.test_tensors()
         with self.timed("base_eval"):
-            out, _ = cache.cached(path, lambda: self.evaluate(model, x, y, self.cfg.seed + 4, self.cfg.eval.autoattack),
-                                  cache.write_json, cache.read_json)
+            out, _ = cache.cached(
+                path,
+                lambda: self.evaluate(model, x, y, self.cfg.seed + 4, self.cfg.eval.autoattack),
+                cache.write_json,
+                cache.read_json,
+            )
         return out

@@ -37,8 +37,10 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
     key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
     if key:
         given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key.group(1)), key.group(1))
-        return (f"{given}: no such setting; check the spelling "
-                "(`python -m rift_bn.run --cfg job` lists every key; add new keys with +key=value)")
+        return (
+            f"{given}: no such setting; check the spelling "
+            "(`python -m rift_bn.run --cfg job` lists every key; add new keys with +key=value)"
+        )
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
 
 

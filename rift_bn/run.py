@@ -18,6 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from rift_bn import cache
@@ -45,7 +46,7 @@ def job_key(cfg: DictConfig) -> str:
 
 
 def pick_device(cfg: DictConfig) -> tuple[torch.device, int | None]:
-    """The device of the single-process stages, and the GPU this job is pinned to under the parallel launcher."""
+    """The device of the single-process stages, and the GPU the parallel launcher pins this job to."""
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
         hc = HydraConfig.get()
         if "Joblib" in str(hc.launcher.get("_target_", "")):  # hydra/launcher=parallel: one job per GPU
@@ -69,30 +70,51 @@ def execute(cfg: DictConfig) -> Path:
     key = job_key(cfg)
     state_dir = cache_dir / "runs" / key
     done = state_dir / "results.json"
-    if done.exists() and is_complete(cache.read_json(done)) and not cfg.force:
-        shutil.copyfile(done, results_path)
+    if done.exists() and is_complete(finished := cache.read_json(done)) and not cfg.force:
+        cache.write_json(results_path, finished)
         print(f"complete already (force=true recomputes): {done}")
         return results_path
-    if cfg.force and state_dir.exists():
+    if cfg.force and state_dir.exists() and rank_zero_only.rank == 0:  # DDP workers: never undo rank 0
         shutil.rmtree(state_dir)
 
-    dm = CIFARDataModule(cfg.data.name, cfg.data.root, cfg.data.val_size, cfg.data.train_subset, cfg.data.test_subset,
-                         batch_size=cfg.at.batch_size, eval_batch_size=cfg.eval.batch_size, seed=cfg.seed,
-                         download=cfg.data.download)
+    dm = CIFARDataModule(
+        cfg.data.name,
+        cfg.data.root,
+        cfg.data.val_size,
+        cfg.data.train_subset,
+        cfg.data.test_subset,
+        batch_size=cfg.at.batch_size,
+        eval_batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        download=cfg.data.download,
+    )
     dm.setup()
     device, gpu = pick_device(cfg)
     run = Run(cfg, output_dir, device, dm, cache_dir, gpu=gpu)
     if cfg.stage == "finetune" and cfg.method.selection == "mrc":
         n = len(candidate_modules(run.new_model(), set(cfg.method.kinds)))
         if cfg.k > n:
-            raise ConfigError(f"k={cfg.k}: {cfg.model.name} has only {n} {cfg.method.name} candidates "
-                              f"({'+'.join(cfg.method.kinds)}); choose k between 1 and {n}")
+            raise ConfigError(
+                f"k={cfg.k}: {cfg.model.name} has only {n} {cfg.method.name} candidates "
+                f"({'+'.join(cfg.method.kinds)}); choose k between 1 and {n}"
+            )
     base, base_path, base_info = run.base_model()
     ckpt_hash = file_sha256(base_path)
     results: dict = {
-        "stage": cfg.stage, "dataset": cfg.data.name, "model": cfg.model.name, "width": cfg.model.width,
-        "method": None, "k": None, "seed": cfg.seed, "selected": [], "mrc": [], "mrc_source": None, "alpha": None,
-        "interpolation": [], "history": [], "base_training": base_info,
+        "stage": cfg.stage,
+        "dataset": cfg.data.name,
+        "model": cfg.model.name,
+        "width": cfg.model.width,
+        "method": None,
+        "k": None,
+        "seed": cfg.seed,
+        "selected": [],
+        "mrc": [],
+        "mrc_source": None,
+        "alpha": None,
+        "interpolation": [],
+        "history": [],
+        "base_training": base_info,
     }
     final, final_ckpt = base, base_path
     if cfg.stage == "finetune":
@@ -110,23 +132,33 @@ def execute(cfg: DictConfig) -> Path:
         final_ckpt = output_dir / "final.pt"
         save_state_dict(final, final_ckpt)
         results |= {
-            "method": cfg.method.name, "k": cfg.k if cfg.method.selection == "mrc" else None,
-            "selected": selected, "mrc": rows or [], "mrc_source": source, "alpha": best["alpha"],
-            "interpolation": curve, "history": [{"epoch": 0, **base_val}, *module.history],
+            "method": cfg.method.name,
+            "k": cfg.k if cfg.method.selection == "mrc" else None,
+            "selected": selected,
+            "mrc": rows or [],
+            "mrc_source": source,
+            "alpha": best["alpha"],
+            "interpolation": curve,
+            "history": [{"epoch": 0, **base_val}, *module.history],
             "selection_split": {"base": base_val, "final": best},
         }
     test_reads_before_report = dm.test_accesses
     assert test_reads_before_report == 0, "the test split was read before the final report"
     with run.timed("test_eval"):
         base_test = run.base_test(base, ckpt_hash)
-        final_test = base_test if final is base else run.evaluate(final, *dm.test_tensors(), cfg.seed + 4,
-                                                                   cfg.eval.autoattack)
+        final_test = (
+            base_test
+            if final is base
+            else run.evaluate(final, *dm.test_tensors(), cfg.seed + 4, cfg.eval.autoattack)
+        )
     results |= {
         "base": {**base_test, "checkpoint": str(base_path)},
         "final": {**final_test, "checkpoint": str(final_ckpt)},
         "delta": {k: final_test[k] - base_test[k] for k in base_test},
         "test_split_reads_before_report": test_reads_before_report,
-        "timings": run.timings, "config": OmegaConf.to_container(cfg, resolve=True), "job_key": key,
+        "timings": run.timings,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "job_key": key,
     }
     cache.write_json(results_path, results)
     cache.write_json(done, results)

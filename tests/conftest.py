@@ -15,9 +15,19 @@ JPEG = Path(os.environ.get("RIFT_BN_CIFAR10_JPEG", REPO.parent / "shared" / "dat
 
 # A run small enough for tests: real images, narrow network, one short epoch per stage, PGD-10 evaluation.
 TINY = [
-    "scale=smoke", "model.width=8", "data.train_subset=600", "data.val_size=100", "data.test_subset=100",
-    "at.epochs=1", "at.milestones=[1]", "finetune.epochs=1", "finetune.milestones=[1]", "mrc.epochs=2",
-    "mrc.batch_size=50", "eval.batch_size=100", "logger=csv",
+    "scale=smoke",
+    "model.width=8",
+    "data.train_subset=600",
+    "data.val_size=100",
+    "data.test_subset=100",
+    "at.epochs=1",
+    "at.milestones=[1]",
+    "finetune.epochs=1",
+    "finetune.milestones=[1]",
+    "mrc.epochs=2",
+    "mrc.batch_size=50",
+    "eval.batch_size=100",
+    "logger=csv",
 ]
 
 
@@ -27,8 +37,11 @@ def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not (JPEG / "to_cifar_layout.py").exists():
         pytest.skip(f"real CIFAR-10 copy not found at {JPEG} (set RIFT_BN_CIFAR10_JPEG)")
     root = tmp_path_factory.mktemp("cifar")
-    subprocess.run([sys.executable, str(JPEG / "to_cifar_layout.py"), str(root), "--train", "2000", "--test", "300"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(JPEG / "to_cifar_layout.py"), str(root), "--train", "2000", "--test", "300"],
+        check=True,
+        capture_output=True,
+    )
     return root
 
 
@@ -37,22 +50,38 @@ class CLI:
 
     def __init__(self, tmp: Path, data_root: Path | None) -> None:
         self.tmp, self.cache = tmp, tmp / "cache"
-        self.env = {**os.environ, "RIFT_BN_CACHE": str(self.cache), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-                    "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+        self.env = {
+            **os.environ,
+            "RIFT_BN_CACHE": str(self.cache),
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "PYTHONUNBUFFERED": "1",
+            "HYDRA_FULL_ERROR": "0",
+        }
         if data_root is not None:
             self.env["RIFT_BN_DATA"] = str(data_root)
         self.count = 0
 
-    def __call__(self, *overrides: str, multirun: bool = False, check: bool = True, tiny: bool = True,
-                 timeout: float = 600) -> subprocess.CompletedProcess:
+    def __call__(
+        self,
+        *overrides: str,
+        multirun: bool = False,
+        check: bool = True,
+        tiny: bool = True,
+        timeout: float = 600,
+    ) -> subprocess.CompletedProcess:
         self.count += 1
         out = self.tmp / f"out{self.count}"
         args = [*(TINY if tiny else []), *overrides, f"hydra.run.dir={out}", f"hydra.sweep.dir={out}"]
         cmd = [sys.executable, "-m", "rift_bn.run", *args, *(["-m"] if multirun else [])]
-        proc = subprocess.run(cmd, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, cwd=self.tmp, env=self.env, capture_output=True, text=True, timeout=timeout
+        )
         proc.out_dir = out
         if check and proc.returncode != 0:
-            raise AssertionError(f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}")
+            raise AssertionError(
+                f"exit {proc.returncode}\nSTDOUT\n{proc.stdout[-3000:]}\nSTDERR\n{proc.stderr[-5000:]}"
+            )
         return proc
 
 
@@ -63,8 +92,11 @@ def cli(tmp_path: Path, cifar_root: Path) -> CLI:
 
 def results_paths(proc: subprocess.CompletedProcess) -> list[Path]:
     """The paths announced by the run's ``results: <path>`` lines."""
-    return [Path(line.split("results: ", 1)[1].strip()) for line in proc.stdout.splitlines()
-            if line.startswith("results: ")]
+    return [
+        Path(line.split("results: ", 1)[1].strip())
+        for line in proc.stdout.splitlines()
+        if line.startswith("results: ")
+    ]
 
 
 def load_results(proc: subprocess.CompletedProcess) -> list[dict]:

@@ -19,7 +19,9 @@ def test_adversarial_training_smoke(cli) -> None:
     (path,) = results_paths(proc)
     assert path.parent == cli.tmp / "out1" and path.exists()
     r = json.loads(path.read_text())
-    assert r["stage"] == "at" and r["dataset"] == "cifar10" and r["model"] == "resnet18" and r["method"] is None
+    assert (
+        r["stage"] == "at" and r["dataset"] == "cifar10" and r["model"] == "resnet18" and r["method"] is None
+    )
     assert r["base"] == r["final"] and r["delta"] == {"clean_acc": 0.0, "robust_acc": 0.0}
     for key in ("clean_acc", "robust_acc"):
         assert 0.0 <= r["final"][key] <= 100.0
@@ -40,7 +42,12 @@ def test_adversarial_training_smoke(cli) -> None:
 def test_topk_multirun(cli) -> None:
     proc = cli("+experiment=topk", "data=cifar10", "k=1,2", multirun=True)
     runs = load_results(proc)
-    assert sorted((r["method"], r["k"]) for r in runs) == [("rift", 1), ("rift", 2), ("rift_bn", 1), ("rift_bn", 2)]
+    assert sorted((r["method"], r["k"]) for r in runs) == [
+        ("rift", 1),
+        ("rift", 2),
+        ("rift_bn", 1),
+        ("rift_bn", 2),
+    ]
     assert len({json.dumps(r["base"]) for r in runs}) == 1  # one base model, evaluated once, shared
     tables = {}
     for r in runs:
@@ -60,10 +67,16 @@ def test_topk_multirun(cli) -> None:
         tables.setdefault(r["method"], []).append(r["mrc_source"])
         tables[r["method"] + "_rows"] = {row["name"]: row["mrc"] for row in r["mrc"]}
     # MRC computed once per module: the first job of each method computes, the second hits the cache.
-    assert sorted(tables["rift"]) == ["cache", "computed"] and sorted(tables["rift_bn"]) == ["cache", "computed"]
+    assert sorted(tables["rift"]) == ["cache", "computed"] and sorted(tables["rift_bn"]) == [
+        "cache",
+        "computed",
+    ]
     shared = tables["rift_rows"].items()
     assert all(tables["rift_bn_rows"][name] == value for name, value in shared)
-    assert len(list((cli.cache / "mrc").glob("*.json"))) == 1 and len(list((cli.cache / "base").glob("*.pt"))) == 1
+    assert (
+        len(list((cli.cache / "mrc").glob("*.json"))) == 1
+        and len(list((cli.cache / "base").glob("*.pt"))) == 1
+    )
 
 
 def test_k_above_candidates_is_a_one_line_error(cli) -> None:

@@ -15,6 +15,7 @@ import torch
 
 from rift_bn.models import build_model
 from rift_bn.models.checkpoint import save_state_dict
+from rift_bn.mrc import MRCProtocol, compute_mrc
 from tests.conftest import TINY, load_results
 
 pytestmark = pytest.mark.slow
@@ -32,21 +33,25 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return line
 
 
-@pytest.mark.parametrize(("overrides", "needles"), [
-    (["data=imagenet"], ["data=imagenet", "cifar10, cifar100"]),
-    (["model=vgg"], ["model=vgg", "resnet18"]),
-    (["method=lora"], ["method=lora", "rift_bn"]),
-    (["k=0"], ["k=0"]),
-    (["method=rift", "k=22"], ["k=22", "21"]),
-    (["attack.eps=16"], ["attack.eps=16", "[0, 1]"]),
-    (["attack.alpha=0"], ["attack.alpha=0"]),
-    (["finetune.epochs=-2"], ["finetune.epochs=-2"]),
-    (["at.epochs=0"], ["at.epochs=0"]),
-    (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "spelling"]),
-    (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
-    (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
-    (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
-])
+@pytest.mark.parametrize(
+    ("overrides", "needles"),
+    [
+        (["data=imagenet"], ["data=imagenet", "cifar10, cifar100"]),
+        (["model=vgg"], ["model=vgg", "resnet18"]),
+        (["method=lora"], ["method=lora", "rift_bn"]),
+        (["k=0"], ["k=0"]),
+        (["method=rift", "k=22"], ["k=22", "21"]),
+        (["attack.eps=16"], ["attack.eps=16", "[0, 1]"]),
+        (["attack.alpha=0"], ["attack.alpha=0"]),
+        (["finetune.epochs=-2"], ["finetune.epochs=-2"]),
+        (["at.epochs=0"], ["at.epochs=0"]),
+        (["mrc.lr=inf"], ["mrc.lr=inf"]),
+        (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "spelling"]),
+        (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
+        (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
+        (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
+    ],
+)
 def test_bad_settings_are_refused_before_any_work(cli, overrides, needles) -> None:
     multirun = any("," in o for o in overrides)
     assert_refused(cli(*overrides, check=False, multirun=multirun), *needles)
@@ -54,7 +59,9 @@ def test_bad_settings_are_refused_before_any_work(cli, overrides, needles) -> No
 
 
 def test_missing_data_root_offline(cli, tmp_path) -> None:
-    line = assert_refused(cli(f"data.root={tmp_path / 'nowhere'}", "data.download=false", check=False), "data.root=")
+    line = assert_refused(
+        cli(f"data.root={tmp_path / 'nowhere'}", "data.download=false", check=False), "data.root="
+    )
     assert "cifar-10-batches-py" in line
 
 
@@ -85,16 +92,28 @@ def test_untrusted_and_mismatched_checkpoints(cli, tmp_path) -> None:
 
 
 def test_nan_stops_the_run_naming_stage_and_module(cli) -> None:
-    line = assert_refused(cli("method=rift", "mrc.lr=.inf", check=False), "mrc", "module conv1")
-    assert "mrc.lr" in line
-    assert not (cli.cache / "mrc").exists() or not list((cli.cache / "mrc").glob("*.json"))
-    assert_refused(cli("method=full", "finetune.lr=1e30", check=False), "fine-tuning", "finetune.lr")
+    line = assert_refused(cli("method=full", "finetune.lr=1e30", check=False), "fine-tuning", "finetune.lr")
+    assert "nan" in line or "inf" in line
+    assert not (cli.cache / "runs").exists() or not list((cli.cache / "runs").rglob("results.json"))
 
 
-def _kill_when(cmd: list[str], env: dict, cwd: Path, path_glob: str, root: Path, timeout: float = 400) -> None:
+def test_nan_in_mrc_names_the_module() -> None:
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 4).eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    with pytest.raises(
+        FloatingPointError, match=r"^mrc: loss is nan for module conv1 at epoch 1; lower mrc\.lr"
+    ):
+        compute_mrc(model, x, y, ("conv",), MRCProtocol(lr=float("inf"), epochs=1, batch_size=8))
+
+
+def _kill_when(
+    cmd: list[str], env: dict, cwd: Path, path_glob: str, root: Path, timeout: float = 400
+) -> None:
     """Start ``cmd`` and kill -9 it as soon as a file matching ``path_glob`` exists under ``root``."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     t0 = time.time()
     try:
         while not list(root.glob(path_glob)):

@@ -55,27 +55,52 @@ def test_fast_mrc_equals_the_protocol_as_it_reads(tiny_adv) -> None:
 
 
 def test_select_lowest_and_bad_k() -> None:
-    rows = [{"name": f"m{i}", "type": t, "mrc": v} for i, (t, v) in
-            enumerate([("conv", 0.3), ("bn", 0.1), ("linear", 0.2), ("bn", 0.05), ("conv", 0.2)])]
+    rows = [
+        {"name": f"m{i}", "type": t, "mrc": v}
+        for i, (t, v) in enumerate([("conv", 0.3), ("bn", 0.1), ("linear", 0.2), ("bn", 0.05), ("conv", 0.2)])
+    ]
     assert [r["name"] for r in select_lowest(rows, ("conv", "linear", "bn"), 3)] == ["m3", "m1", "m2"]
-    assert [r["name"] for r in select_lowest(rows, ("conv", "linear"), 2)] == ["m2", "m4"]  # ties: network order
+    assert [r["name"] for r in select_lowest(rows, ("conv", "linear"), 2)] == [
+        "m2",
+        "m4",
+    ]  # ties: network order
     with pytest.raises(ValueError, match=r"^k=4: .*\(3 for conv\+linear\)"):
         select_lowest(rows, ("conv", "linear"), 4)
 
 
 def _finetune(cifar_root, bn_stats: str, selected: list[str]) -> tuple[dict, dict]:
-    dm = CIFARDataModule("cifar10", cifar_root, val_size=32, train_subset=256, test_subset=10, batch_size=64,
-                         eval_batch_size=32, seed=0, download=False)
+    dm = CIFARDataModule(
+        "cifar10",
+        cifar_root,
+        val_size=32,
+        train_subset=256,
+        test_subset=10,
+        batch_size=64,
+        eval_batch_size=32,
+        seed=0,
+        download=False,
+    )
     torch.manual_seed(0)
     model = build_model("resnet18", 10, 4)
-    rows = [{"name": n, "type": t, "mrc": 0.0 if n in selected else 1.0}
-            for n, _, t in candidate_modules(model, {"conv", "linear", "bn"})]
+    rows = [
+        {"name": n, "type": t, "mrc": 0.0 if n in selected else 1.0}
+        for n, _, t in candidate_modules(model, {"conv", "linear", "bn"})
+    ]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     module = FineTuning(model, PGD(steps=1), 10, lr=0.05, milestones=(10,))
     callback = ModuleSelection(("conv", "linear", "bn"), len(selected), rows, bn_stats)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        inference_mode=False, limit_val_batches=1, callbacks=[callback])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        limit_val_batches=1,
+        callbacks=[callback],
+    )
     trainer.fit(module, datamodule=dm)  # validation in between: Lightning toggles train()/eval()
     assert sorted(s["name"] for s in callback.selected) == sorted(selected)
     return before, {k: v.detach() for k, v in model.state_dict().items()}
@@ -123,8 +148,11 @@ def test_interpolation_end_points_are_exact() -> None:
 
 
 def test_choose_alpha_rule() -> None:
-    curve = [{"alpha": 0.0, "clean_acc": 50.0, "robust_acc": 30.0}, {"alpha": 0.5, "clean_acc": 53.0, "robust_acc": 29.9},
-             {"alpha": 1.0, "clean_acc": 56.0, "robust_acc": 28.0}]
+    curve = [
+        {"alpha": 0.0, "clean_acc": 50.0, "robust_acc": 30.0},
+        {"alpha": 0.5, "clean_acc": 53.0, "robust_acc": 29.9},
+        {"alpha": 1.0, "clean_acc": 56.0, "robust_acc": 28.0},
+    ]
     assert choose_alpha(curve, 30.0, 0.0)["alpha"] == 0.0
     assert choose_alpha(curve, 30.0, 0.1)["alpha"] == 0.5
     assert choose_alpha(curve, 30.0, 5.0)["alpha"] == 1.0

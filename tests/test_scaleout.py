@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def _wandb(args: list[str]) -> str:
-    return subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", *args], capture_output=True, text=True,
-                          check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", *args], capture_output=True, text=True, check=True
+    ).stdout
 
 
 def wandb_runs(root: Path) -> list[dict]:
@@ -61,8 +62,15 @@ def _same_choices(runs: list[dict]) -> dict:
 
 def test_ddp_two_processes_match_single_process(cli) -> None:
     single = load_results(cli("method=rift_bn", "k=1,2", multirun=True))
-    ddp = cli("method=rift_bn", "k=1,2", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "force=true", multirun=True)
+    ddp = cli(
+        "method=rift_bn",
+        "k=1,2",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "force=true",
+        multirun=True,
+    )
     runs = load_results(ddp)
     assert len(runs) == 2 and len(list(ddp.out_dir.rglob("results.json"))) == 2
     assert all(r["config"]["trainer"]["strategy"] == "ddp" for r in runs)

@@ -11,7 +11,8 @@ def autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, num_classes: 
     """Adversarial images from the standard AutoAttack suite (APGD-CE, APGD-T, FAB-T, Square)."""
     import torchattacks
 
-    attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
-                                     seed=seed)
+    attack = torchattacks.AutoAttack(
+        model, norm="Linf", eps=eps, version="standard", n_classes=num_classes, seed=seed
+    )
     with attack_mode(model):
         return attack(x, y).detach()

@@ -16,7 +16,7 @@ BN_STATS = ("selected", "all", "none")
 
 
 def freeze_except(model: nn.Module, selected: Sequence[str]) -> None:
-    """requires_grad only for the parameters of the modules named in ``selected`` (names inside ``model.net``)."""
+    """requires_grad only for parameters of the modules named in ``selected`` (inside ``model.net``)."""
     chosen = set(selected)
     for name, module in model.net.named_modules():
         for p in module.parameters(recurse=False):
@@ -39,8 +39,13 @@ class ModuleSelection(Callback):
     choice is broadcast so every DDP rank trains the same modules.
     """
 
-    def __init__(self, kinds: Sequence[str], k: int | None = None, mrc_rows: Sequence[dict] | None = None,
-                 bn_stats: str = "selected") -> None:
+    def __init__(
+        self,
+        kinds: Sequence[str],
+        k: int | None = None,
+        mrc_rows: Sequence[dict] | None = None,
+        bn_stats: str = "selected",
+    ) -> None:
         if bn_stats not in BN_STATS:
             raise ValueError(f"finetune.bn_stats={bn_stats}: choose one of {', '.join(BN_STATS)}")
         self.kinds, self.k, self.mrc_rows, self.bn_stats = tuple(kinds), k, mrc_rows, bn_stats
@@ -48,8 +53,10 @@ class ModuleSelection(Callback):
 
     def choose(self, model: nn.Module) -> list[dict[str, Any]]:
         if self.mrc_rows is not None:
-            return [{"name": r["name"], "type": r["type"], "mrc": r["mrc"]}
-                    for r in select_lowest(self.mrc_rows, self.kinds, self.k or 1)]
+            return [
+                {"name": r["name"], "type": r["type"], "mrc": r["mrc"]}
+                for r in select_lowest(self.mrc_rows, self.kinds, self.k or 1)
+            ]
         return [{"name": n, "type": t, "mrc": None} for n, _, t in candidate_modules(model, set(self.kinds))]
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -64,6 +71,7 @@ class ModuleSelection(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply_bn_modes(pl_module)
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._apply_bn_modes(pl_module)  # Lightning calls model.train() around validation; re-assert

@@ -16,9 +16,17 @@ class AdversarialTraining(RobustClassifier):
     """Train on PGD examples (generated in eval mode); remember the weights with the best val robust acc."""
 
     def __init__(
-        self, model: nn.Module, train_attack: PGD, eval_attack: PGD, num_classes: int, lr: float = 0.1,
-        momentum: float = 0.9, weight_decay: float = 5e-4, milestones: tuple[int, ...] = (100, 105),
-        gamma: float = 0.1, channels_last: bool = False,
+        self,
+        model: nn.Module,
+        train_attack: PGD,
+        eval_attack: PGD,
+        num_classes: int,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        milestones: tuple[int, ...] = (100, 105),
+        gamma: float = 0.1,
+        channels_last: bool = False,
     ) -> None:
         super().__init__(model, eval_attack, num_classes, channels_last)
         self.train_attack = train_attack
@@ -33,16 +41,15 @@ class AdversarialTraining(RobustClassifier):
         x_adv = self.train_attack(self.model, x, y)
         logits = self.model(x_adv)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"adversarial training: loss is {loss.item()} at epoch {self.current_epoch}, "
-                                     f"batch {batch_idx}; lower at.lr")
+        self.check_finite(loss, batch_idx, "adversarial training", "at.lr")
         acc = (logits.argmax(1) == y).float().mean() * 100
         self.log_dict({"train/loss": loss, "train/robust_acc": acc}, on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
         return [opt], [sched]
 
@@ -53,7 +60,11 @@ class AdversarialTraining(RobustClassifier):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["best"] = {"robust_acc": self.best_robust_acc, "epoch": self.best_epoch, "state": self.best_state}
+        checkpoint["best"] = {
+            "robust_acc": self.best_robust_acc,
+            "epoch": self.best_epoch,
+            "state": self.best_state,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

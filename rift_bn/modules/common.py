@@ -20,7 +20,9 @@ class RobustClassifier(L.LightningModule):
     training device and augments training batches there (crop + flip, batched).
     """
 
-    def __init__(self, model: nn.Module, eval_attack: PGD, num_classes: int, channels_last: bool = False) -> None:
+    def __init__(
+        self, model: nn.Module, eval_attack: PGD, num_classes: int, channels_last: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.eval_attack = eval_attack
@@ -43,6 +45,16 @@ class RobustClassifier(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
+    def check_finite(self, loss: Tensor, batch_idx: int, stage: str, setting: str) -> None:
+        """Stop on a NaN/Inf loss, naming the stage; on accelerators only every 25 steps (it syncs)."""
+        if loss.device.type != "cpu" and batch_idx % 25:
+            return
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"{stage}: loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
+                f"lower {setting}"
+            )
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
         with torch.no_grad():
@@ -55,12 +67,17 @@ class RobustClassifier(L.LightningModule):
         clean, robust = 100 * self.val_clean.compute().item(), 100 * self.val_robust.compute().item()
         self.val_clean.reset()
         self.val_robust.reset()
-        self.log_dict({"val/clean_acc": clean, "val/robust_acc": robust, "epoch": float(self.current_epoch + 1)})
+        self.log_dict(
+            {"val/clean_acc": clean, "val/robust_acc": robust, "epoch": float(self.current_epoch + 1)}
+        )
         if not self.trainer.sanity_checking:
             self.history.append({"epoch": self.current_epoch + 1, "clean_acc": clean, "robust_acc": robust})
             if self.trainer.is_global_zero:
-                print(f"  {type(self).__name__} epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: "
-                      f"val clean {clean:.2f}%, robust {robust:.2f}%", flush=True)
+                print(
+                    f"  {type(self).__name__} epoch {self.current_epoch + 1}/{self.trainer.max_epochs}: "
+                    f"val clean {clean:.2f}%, robust {robust:.2f}%",
+                    flush=True,
+                )
             self.on_validation_result(clean, robust)
 
     def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:

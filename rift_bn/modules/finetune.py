@@ -13,11 +13,18 @@ from rift_bn.modules.common import RobustClassifier
 
 
 class FineTuning(RobustClassifier):
-    """Clean cross-entropy, SGD with momentum over the trainable parameters only, lr x gamma at the milestones."""
+    """Clean cross-entropy; SGD with momentum over the trainable parameters only; lr x gamma at milestones."""
 
     def __init__(
-        self, model: nn.Module, eval_attack: PGD, num_classes: int, lr: float = 1e-3, momentum: float = 0.9,
-        weight_decay: float = 5e-4, milestones: tuple[int, ...] = (5,), gamma: float = 0.1,
+        self,
+        model: nn.Module,
+        eval_attack: PGD,
+        num_classes: int,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        milestones: tuple[int, ...] = (5,),
+        gamma: float = 0.1,
         channels_last: bool = False,
     ) -> None:
         super().__init__(model, eval_attack, num_classes, channels_last)
@@ -28,9 +35,7 @@ class FineTuning(RobustClassifier):
         x, y = batch
         logits = self.model(x)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"fine-tuning: loss is {loss.item()} at epoch {self.current_epoch}, "
-                                     f"batch {batch_idx}; lower finetune.lr")
+        self.check_finite(loss, batch_idx, "fine-tuning", "finetune.lr")
         acc = (logits.argmax(1) == y).float().mean() * 100
         self.log_dict({"train/loss": loss, "train/clean_acc": acc}, on_step=False, on_epoch=True)
         return loss
