@@ -25,9 +25,10 @@ def run_group(cfg: DictConfig, output_dir: Path) -> str:
     return "run-" + "-".join(output_dir.parts[-2:])
 
 
-def run_tags(cfg: DictConfig) -> list[str]:
-    tags = [f"data:{cfg.data.name}", f"model:{cfg.model.name}", f"seed:{cfg.seed}", f"stage:{cfg.stage}"]
-    if cfg.stage == "finetune":
+def run_tags(cfg: DictConfig, job_type: str) -> list[str]:
+    """data, model, seed and stage tags; method and k for fine-tuning runs."""
+    tags = [f"data:{cfg.data.name}", f"model:{cfg.model.name}", f"seed:{cfg.seed}", f"stage:{job_type}"]
+    if job_type == "finetune":
         tags += [f"method:{cfg.method.name}", f"k:{cfg.k}" if cfg.method.selection == "mrc" else "k:all"]
     return tags + [str(t) for t in cfg.logger.get("tags") or []]
 
@@ -50,7 +51,7 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
         name=f"{job_type}-{cfg.data.name}{method}-s{cfg.seed}",
         group=run_group(cfg, output_dir),
         job_type=job_type,
-        tags=run_tags(cfg),
+        tags=run_tags(cfg, job_type),
         offline=mode == "offline",
         mode=mode,
         config=OmegaConf.to_container(cfg, resolve=True),

@@ -5,10 +5,10 @@ Let ``g = grad_W L`` be the gradient of the mean cross-entropy over the adversar
 is, to first order, ``epsilon ||W|| ||g||`` (``mrc_ball``). The exact protocol, however, reaches the ball
 only if its plain ascent gets there: S = epochs * ceil(N / batch_size) steps of lr * g move W by about
 ``S lr ||g||``. Its first-order gain is therefore ``||g|| * min(S lr ||g||, epsilon ||W||)``, which is
-``mrc``: equal to the ball bound wherever the ball is reached (Conv/Linear at the paper's settings), and
-much closer to the exact value where it is not (BatchNorm, whose gradients are small). A module's value
-is the sum over the tensors the exact protocol perturbs (``weight`` for Conv/Linear, ``weight`` and
-``bias`` for BatchNorm), each with its own ball.
+``mrc``: equal to the ball bound wherever the ball is reached (every Conv/Linear weight and BN bias of
+the bases in docs/performance.md), and much closer to the exact value where it is not (BN weights). A
+module's value is the sum over the tensors the exact protocol perturbs (``weight`` for Conv/Linear,
+``weight`` and ``bias`` for BatchNorm), each with its own ball.
 
 ``robust_acc_drop`` (and ``step_loss_increase``) are measured, not estimated: every tensor of the module
 is moved to that first-order end point, ``W + min(S lr ||g||, epsilon ||W||) g / ||g||``, one module at a
