@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
-from rift_bn.models import candidate_modules
+from rift_bn.models import candidate_modules, frozen
 
 KINDS = {"rift": ("conv", "linear"), "rift_bn": ("conv", "linear", "bn")}
 
@@ -222,26 +222,6 @@ def _ascent_reference(
     return _result(best_loss, best_acc, best_epoch, base_loss, base_acc)
 
 
-class _Frozen:
-    """Context: eval mode and requires_grad=False for every parameter, restored on exit."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> None:
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        self.model.eval()
-        for p, _ in self.flags:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p, f in self.flags:
-            p.requires_grad_(f)
-        for m, mode in self.modes:
-            m.training = mode
-
-
 def _compose(stages: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
     def forward(h: Tensor) -> Tensor:
         for stage in stages:
@@ -371,7 +351,7 @@ def compute_mrc(
             stage_of.setdefault(id(m), i)
     best: dict[str, tuple[float, float, int]] = {}
     ebs = proto.eval_batch_size
-    with _Frozen(model), torch.no_grad():
+    with frozen(model), torch.no_grad():
         h, done = x_adv, 0  # h: input of stage i for the whole set; at the end, the base logits
         for i, stage in enumerate(stages):
             here = [(n, m, k) for n, m, k in candidates if stage_of[id(m)] == i]

@@ -25,16 +25,15 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rift_bn.models import NormalizedModel, candidate_modules
-from rift_bn.mrc import KINDS, MRCProtocol, compute_mrc, perturbed_params
+from rift_bn.models import NormalizedModel, candidate_modules, frozen
+from rift_bn.mrc import KINDS, MRCProtocol, _compose, compute_mrc, perturbed_params
 
 ESTIMATOR = "linear"
 
@@ -43,32 +42,6 @@ def _stages(model: nn.Module) -> list[nn.Module]:
     """``model.stages()`` where the network has them, else the whole model as one stage."""
     net = model.net if isinstance(model, NormalizedModel) else model
     return list(model.stages()) if hasattr(net, "stages") and hasattr(model, "stages") else [model]
-
-
-@contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` for every parameter; modes and flags restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
-
-
-def _compose(stages: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
-    def forward(h: Tensor) -> Tensor:
-        for stage in stages:
-            h = stage(h)
-        return h
-
-    return forward
 
 
 @torch.no_grad()
@@ -138,7 +111,7 @@ def linear_mrc(
     per_module = [perturbed_params(module, kind) for _, module, kind in candidates]
     flat = [p for params in per_module for p in params]
     eps, reach = proto.epsilon, ascent_reach(proto, len(y))
-    with _frozen(model):
+    with frozen(model):
         for p in flat:
             p.requires_grad_(True)
         flat_grads, base_loss, base_acc = set_gradients(model, x_adv, y, flat, proto.eval_batch_size)

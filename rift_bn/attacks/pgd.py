@@ -9,23 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rift_bn.models import frozen
+
 
 @contextlib.contextmanager
 def attack_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode, no parameter gradients, autograd on (even inside validation); restores all of it."""
-    modes = [(m, m.training) for m in model.modules()]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        with torch.inference_mode(False), torch.enable_grad():
-            yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, mode in modes:
-            m.training = mode
+    with frozen(model), torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _normal(t: Tensor) -> Tensor:
