@@ -308,7 +308,7 @@ def bench_at(cfg: BenchConfig) -> dict[str, Any]:
     import lightning as L
 
     from rift_bn.data import TensorLoader, augment, to_float
-    from rift_bn.modules import AdversarialTraining
+    from rift_bn.modules import AdversarialTraining, quiet_trainer
 
     dev = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -330,18 +330,12 @@ def bench_at(cfg: BenchConfig) -> dict[str, Any]:
     def lightning_steps() -> list[float]:
         module = AdversarialTraining(copy.deepcopy(init), attack, attack, 10, **sgd)
         ticks = Ticks()
-        trainer = L.Trainer(
+        trainer = quiet_trainer(
             accelerator="cpu" if dev.type == "cpu" else "gpu",
             devices=[dev.index or 0] if dev.type == "cuda" else 1,
             max_epochs=1,
-            logger=False,
             callbacks=[ticks],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
             limit_val_batches=0,
-            inference_mode=False,
         )
         trainer.fit(module, train_dataloaders=TensorLoader(xs, ys, cfg.batch))
         return [b - a for a, b in zip(ticks.ends, ticks.ends[1:], strict=False)]

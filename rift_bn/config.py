@@ -49,6 +49,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.logger.name, "logger", LOGGERS)
     _choice(cfg.finetune.bn_stats, "finetune.bn_stats", ("selected", "all", "none"))
     _choice(cfg.mrc.estimator, "mrc.estimator", ("exact", "linear"))
+    if not isinstance(cfg.mrc.get("linear_step", False), bool):
+        raise ConfigError(f"mrc.linear_step={cfg.mrc.linear_step}: must be true or false")
     _at_least(cfg.k, "k", 1, " (how many lowest-MRC modules to fine-tune)")
     _at_least(cfg.model.width, "model.width", 1)
     for prefix, attack in (("attack", cfg.attack), ("at.attack", cfg.at.attack)):

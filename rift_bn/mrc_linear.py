@@ -15,7 +15,8 @@ is moved to that first-order end point, ``W + min(S lr ||g||, epsilon ||W||) g /
 time, and the set is evaluated once from the module's network stage on (like the exact fast path).
 
 ``python -m rift_bn.mrc_linear compare ...`` measures the estimator against the exact protocol (rank
-correlations, agreement of the k lowest, time); see ``docs/performance.md``.
+correlations, agreement of the k lowest, time) on one example set; ``... agree A.json B.json`` compares
+runs on disjoint sets (how reproducible each estimator is); see ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -269,6 +270,7 @@ def compare(
     val_size: int = 500,
     seed: int = 0,
     num_examples: int | None = None,
+    first: int = 0,
     epochs: int = 10,
     batch_size: int = 512,
     kinds: str = "both",
@@ -280,6 +282,8 @@ def compare(
 ) -> dict:
     """Exact (``compute_mrc``) vs linear MRC on the selection split's PGD-10 examples of a base model.
 
+    The adversarial set is made from examples ``first`` to ``first + num_examples`` of the selection split
+    (default: all of it), so disjoint sets of one split can be compared (``agree``).
     ``model``/``data`` (float images in [0, 1], labels) bypass the checkpoint and the dataset (tests).
     Exact MRC runs once over the largest candidate set; a set's exact time is the base evaluation plus
     its modules' times (each module's ascent is independent of the set). The linear estimator runs per
@@ -298,13 +302,14 @@ def compare(
         dm.setup()
         model = build_model(model_name, dm.num_classes, width)
         load_into(model, read_state_dict(checkpoint))
-        n = num_examples or len(dm.val_y)
-        x, y = to_float(dm.val_x[:n]), dm.val_y[:n].clone()
+        x, y = to_float(dm.val_x), dm.val_y.clone()
     else:
         assert data is not None, "compare: pass data with model"
         x, y = data
-        n = num_examples or len(y)
-        x, y = x[:n], y[:n]
+    n = num_examples or len(y) - first
+    if first < 0 or n < 1 or first + n > len(y):
+        raise ValueError(f"compare: examples {first}..{first + n} do not fit the {len(y)} of the split")
+    x, y = x[first : first + n], y[first : first + n]
     model = model.to(dev).eval()
     x, y = x.to(dev), y.to(dev)
     with torch.random.fork_rng(devices=[]):
@@ -342,6 +347,7 @@ def compare(
             "val_size": val_size,
             "seed": seed,
             "num_examples": n,
+            "first": first,
             "attack": "PGD-10 eps 8/255 step 2/255",
             "protocol": proto.key(),
             "device": device,
@@ -401,6 +407,33 @@ def compare(
     return result
 
 
+def agree(paths: Sequence[str | Path]) -> str:
+    """Rank agreement between ``compare`` results on different example sets of the same base: exact vs
+    exact, linear vs linear, and each set's exact vs linear (per candidate set, Spearman / Kendall)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    lines = []
+    for s in results[0]["sets"]:
+        tables = [{r["name"]: r for r in res["sets"][s]["rows"]} for res in results if s in res["sets"]]
+        names = list(tables[0])
+        if any(list(t) != names for t in tables):
+            raise ValueError(f"agree: the results list different {s} candidates")
+        lines.append(f"{s} ({len(names)} candidates, {len(tables)} example sets): spearman / kendall")
+        pairs = [
+            (i, j, c, c)
+            for c in ("exact", "linear")
+            for i in range(len(tables))
+            for j in range(i + 1, len(tables))
+        ]
+        pairs += [(i, i, "exact", "linear") for i in range(len(tables))]
+        for i, j, a, b in pairs:
+            sc = agreement(
+                [{"name": n, "mrc": tables[i][n][a]} for n in names],
+                [{"name": n, "mrc": tables[j][n][b]} for n in names],
+            )
+            lines.append(f"  {a} {paths[i]} vs {b} {paths[j]}: {sc['spearman']:.3f} / {sc['kendall']:.3f}")
+    return "\n".join(lines)
+
+
 def format_report(result: dict) -> str:
     """The comparison as a plain-text table."""
     lines = [
@@ -447,14 +480,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--width", type=int, default=16)
     c.add_argument("--val-size", type=int, default=500)
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--num-examples", type=int, default=None)
+    c.add_argument("--num-examples", type=int, default=None, help="default: the whole split from --first")
+    c.add_argument("--first", type=int, default=0, help="first example of the selection split to use")
     c.add_argument("--epochs", type=int, default=10)
     c.add_argument("--batch-size", type=int, default=512, help="MRC ascent batch size (protocol: 512)")
     c.add_argument("--kinds", choices=("rift", "rift_bn", "both"), default="both")
     c.add_argument("--device", default="cpu")
     c.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     c.add_argument("--json", dest="json_out", default=None)
+    a = sub.add_parser("agree", help="rank agreement between compare results on different example sets")
+    a.add_argument("results", nargs="+", help="--json files of compare runs on the same base")
     args = parser.parse_args(argv)
+    if args.command == "agree":
+        print(agree(args.results))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     result = compare(
@@ -466,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         val_size=args.val_size,
         seed=args.seed,
         num_examples=args.num_examples,
+        first=args.first,
         epochs=args.epochs,
         batch_size=args.batch_size,
         kinds=args.kinds,

@@ -314,12 +314,15 @@ class Run:
             shuffle=m.shuffle,
             seed=self.cfg.seed,
         )
+        # the linear estimator's table with the measured step differs from the one without it
+        step = {"linear_step": bool(m.get("linear_step", False))} if m.estimator == "linear" else {}
         key = cache.digest(
             {
                 "ckpt": ckpt_hash,
                 **self.split_key(),
                 "n": m.num_examples,
                 "estimator": m.estimator,
+                **step,
                 "protocol": proto.key(),
                 "attack": self.plain("attack")["attack"],
             }
@@ -348,7 +351,7 @@ class Run:
                         if m.estimator == "linear":
                             from rift_bn.mrc_linear import linear_mrc
 
-                            new = linear_mrc(model, x, y, missing, proto)
+                            new = linear_mrc(model, x, y, missing, proto, measure_step=step["linear_step"])
                         else:
                             new = compute_mrc(model, x, y, missing, proto, progress=self.progress)
                     table["rows"].update({r["name"]: r for r in new["rows"]})

@@ -31,18 +31,37 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CIFAR-10 python layout (2,000 train / 300 test real images) written from the workspace JPEG copy."""
-    if not (JPEG / "to_cifar_layout.py").exists():
+def _cifar_layout(factory: pytest.TempPathFactory, train: int, test: int) -> Path:
+    """A CIFAR-10 python layout of ``train`` / ``test`` real images written from the workspace JPEG copy."""
+    if not (JPEG / "to_cifar_layout.py").is_file():
         pytest.skip(f"real CIFAR-10 copy not found at {JPEG} (set RIFT_BN_CIFAR10_JPEG)")
-    root = tmp_path_factory.mktemp("cifar")
+    root = factory.mktemp("cifar")
     subprocess.run(
-        [sys.executable, str(JPEG / "to_cifar_layout.py"), str(root), "--train", "2000", "--test", "300"],
+        [
+            sys.executable,
+            str(JPEG / "to_cifar_layout.py"),
+            str(root),
+            "--train",
+            str(train),
+            "--test",
+            str(test),
+        ],
         check=True,
         capture_output=True,
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2,000 train / 300 test real CIFAR-10 images (the end-to-end runs)."""
+    return _cifar_layout(tmp_path_factory, 2000, 300)
+
+
+@pytest.fixture(scope="session")
+def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """300 train / 50 test real CIFAR-10 images (the report's Figure 3)."""
+    return _cifar_layout(tmp_path_factory, 300, 50)
 
 
 class CLI:

@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 
@@ -14,7 +13,7 @@ from rift_bn import bench
 from rift_bn.attacks import PGD
 from rift_bn.data import TensorLoader
 from rift_bn.models import build_model
-from rift_bn.modules import AdversarialTraining
+from rift_bn.modules import AdversarialTraining, quiet_trainer
 
 RATIOS = ("pgd_vs_torchattacks", "pgd_vs_floor", "mrc_vs_reference", "at_step_vs_plain")
 
@@ -86,19 +85,7 @@ def test_gpu_settings_run_on_cpu(tmp_path: Path, precision: str, channels_last: 
         x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
         y = torch.randint(0, 10, (16,))
         before = {k: v.clone() for k, v in module.model.state_dict().items()}
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            precision=precision,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            inference_mode=False,
-            default_root_dir=str(tmp_path),
-        )
+        trainer = quiet_trainer(devices=1, precision=precision, max_epochs=1, default_root_dir=str(tmp_path))
         trainer.fit(module, train_dataloaders=TensorLoader(x, y, 8), val_dataloaders=TensorLoader(x, y, 8))
         after = module.model.state_dict()
         assert any(not torch.equal(before[k], after[k]) for k in before)

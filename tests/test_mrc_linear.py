@@ -13,7 +13,7 @@ from torch import nn
 
 from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.mrc import KINDS, MRCProtocol, compute_mrc
-from rift_bn.mrc_linear import agreement, compare, linear_mrc
+from rift_bn.mrc_linear import agreement, compare, linear_mrc, main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,6 +51,13 @@ class TinyConvBN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class StagedConvBN(TinyConvBN):
+    """TinyConvBN with ``stages()`` (exact MRC needs them)."""
+
+    def stages(self) -> list[nn.Module]:
+        return [nn.Sequential(self.conv, self.bn, nn.ReLU(), nn.Flatten()), self.fc]
 
 
 def _tiny_linear(seed: int = 0) -> tuple[NormalizedModel, torch.Tensor, torch.Tensor]:
@@ -196,7 +203,7 @@ def test_ranking_correlates_with_exact(tiny_resnet: dict) -> None:
     assert [k["k"] for k in both["topk"]] == [1, 2, 3, 4, 5]
 
 
-def _run(tmp_path: Path, estimator: str):
+def _run(tmp_path: Path, estimator: str, linear_step: bool = True):
     from rift_bn.pipeline import Run
 
     cfg = OmegaConf.create(
@@ -206,6 +213,7 @@ def _run(tmp_path: Path, estimator: str):
             "attack": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "random_start": True},
             "mrc": {
                 "estimator": estimator,
+                "linear_step": linear_step,
                 "epsilon": 0.1,
                 "epochs": 2,
                 "lr": 1.0,
@@ -237,6 +245,15 @@ def test_pipeline_cache_keeps_estimators_apart(tmp_path: Path) -> None:
     assert (exact_source, lin_source, again_source) == ("computed", "computed", "cache")
     assert "estimator" not in exact_rows[0] and lin_rows[0]["estimator"] == "linear"
     assert lin_again == lin_rows and exact_rows[0]["mrc"] != lin_rows[0]["mrc"]
+    assert all(math.isfinite(r["robust_acc_drop"]) for r in lin_rows)
+
+    # mrc.linear_step=false: the same estimate without the measured step, in a table of its own
+    run = _run(tmp_path, "linear", linear_step=False)
+    run.adversarial_set = lambda m, h: (x, y)
+    bound_rows, bound_source = run.mrc_table(model, "ab" * 32, ("conv", "linear"))
+    assert bound_source == "computed" and len(list((tmp_path / "cache" / "mrc").glob("*.json"))) == 3
+    assert [r["mrc"] for r in bound_rows] == [r["mrc"] for r in lin_rows]
+    assert all(r["robust_acc_drop"] is None and r["step_loss_increase"] is None for r in bound_rows)
 
 
 def test_compare_reports_both_sets(tmp_path: Path) -> None:
@@ -253,3 +270,33 @@ def test_compare_reports_both_sets(tmp_path: Path) -> None:
     assert set(out["sets"]) == {"rift", "rift_bn"} and (tmp_path / "cmp.json").exists()
     entry = out["sets"]["rift"]
     assert entry["n"] == 1 and entry["topk"][0]["same_set"] and entry["speedup"] > 0
+
+
+def test_compare_on_disjoint_example_sets_and_agree(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = NormalizedModel(StagedConvBN()).eval()
+    x, y = torch.rand(12, 3, 4, 4), torch.randint(0, 5, (12,))
+    runs = {}
+    for name, first in (("a", 0), ("b", 6), ("a_again", 0)):
+        path = tmp_path / f"{name}.json"
+        runs[name] = compare(
+            None,
+            "",
+            model=model,
+            data=(x, y),
+            first=first,
+            num_examples=6,
+            epochs=2,
+            kinds="rift_bn",
+            json_out=path,
+        )
+        assert runs[name]["settings"]["first"] == first and runs[name]["settings"]["num_examples"] == 6
+    exact = {k: [r["exact"] for r in v["sets"]["rift_bn"]["rows"]] for k, v in runs.items()}
+    assert exact["a"] == exact["a_again"] and exact["a"] != exact["b"]  # the offset picks other examples
+    assert main(["agree", *(str(tmp_path / f"{k}.json") for k in ("a", "a_again"))]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "rift_bn (3 candidates, 2 example sets): spearman / kendall"
+    assert lines[1].startswith("  exact ") and lines[1].endswith(": 1.000 / 1.000")
+    assert lines[2].startswith("  linear ") and lines[2].endswith(": 1.000 / 1.000")
+    with pytest.raises(ValueError, match="do not fit"):
+        compare(None, "", model=model, data=(x, y), first=10, num_examples=6, kinds="rift")

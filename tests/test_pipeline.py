@@ -78,6 +78,15 @@ def test_topk_multirun(cli) -> None:
         and len(list((cli.cache / "base").glob("*.pt"))) == 1
     )
 
+    # mrc.estimator=linear through the entry point: same base, its own MRC table, the k lowest of it
+    (lin,) = load_results(cli("method=rift_bn", "k=2", "mrc.estimator=linear"))
+    assert [row["name"] for row in lin["mrc"]] == list(tables["rift_bn_rows"])
+    assert all(row["estimator"] == "linear" and row["robust_acc_drop"] is None for row in lin["mrc"])
+    lowest = sorted(lin["mrc"], key=lambda row: row["mrc"])[:2]
+    assert [s["name"] for s in lin["selected"]] == [row["name"] for row in lowest]
+    assert lin["mrc_source"] == "computed" and lin["base"] == runs[0]["base"]
+    assert sorted(p.name.split("-")[1] for p in (cli.cache / "mrc").glob("*.json")) == ["exact", "linear"]
+
 
 def test_k_above_candidates_is_a_one_line_error(cli) -> None:
     proc = cli("method=rift", "k=99", check=False)

@@ -48,6 +48,8 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
         (["mrc.lr=inf"], ["mrc.lr=inf"]),
         (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "spelling"]),
         (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
+        (["mrc.estimator=taylor"], ["mrc.estimator=taylor", "linear"]),
+        (["mrc.linear_step=maybe"], ["mrc.linear_step=maybe", "true or false"]),
         (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
         (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
     ],

@@ -25,7 +25,6 @@ from rift_bn.report.figures import plot_interpolation, plot_layer_types, plot_mr
 from rift_bn.report.table import fmt, layer_types_table, table1
 
 REPO = Path(__file__).resolve().parents[1]
-JPEG = Path(os.environ.get("RIFT_BN_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg"))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Known numbers. Base per seed; fine-tuned = base + delta.
@@ -166,20 +165,6 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[str]]:
     sweep = build_sweep(tmp_path_factory.mktemp("made") / "sweep")
     logs: list[str] = []
     return make_report([sweep], kde=True, wandb=False, log=logs.append), logs
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """CIFAR-10 python layout of 300 train / 50 test real images (skipped without the workspace copy)."""
-    if not (JPEG / "to_cifar_layout.py").is_file():
-        pytest.skip(f"CIFAR-10 JPEG copy not found at {JPEG} (set RIFT_BN_CIFAR10_JPEG): Figure 3 not tested")
-    root = tmp_path_factory.mktemp("cifar")
-    subprocess.run(
-        [sys.executable, str(JPEG / "to_cifar_layout.py"), str(root), "--train", "300", "--test", "50"],
-        check=True,
-        capture_output=True,
-    )
-    return root
 
 
 def _write_checkpoints(sweep: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -11,7 +10,7 @@ from rift_bn.callbacks import ModuleSelection
 from rift_bn.data import CIFARDataModule
 from rift_bn.interpolate import choose_alpha, interpolate_state
 from rift_bn.models import build_model, candidate_modules
-from rift_bn.modules import FineTuning
+from rift_bn.modules import FineTuning, quiet_trainer
 from rift_bn.mrc import MRCProtocol, compute_mrc, mrc_reference, project_, select_lowest
 
 
@@ -89,18 +88,7 @@ def _finetune(cifar_root, bn_stats: str, selected: list[str]) -> tuple[dict, dic
     before = {k: v.clone() for k, v in model.state_dict().items()}
     module = FineTuning(model, PGD(steps=1), 10, lr=0.05, milestones=(10,))
     callback = ModuleSelection(("conv", "linear", "bn"), len(selected), rows, bn_stats)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        limit_val_batches=1,
-        callbacks=[callback],
-    )
+    trainer = quiet_trainer(max_epochs=2, limit_val_batches=1, callbacks=[callback])
     trainer.fit(module, datamodule=dm)  # validation in between: Lightning toggles train()/eval()
     assert sorted(s["name"] for s in callback.selected) == sorted(selected)
     return before, {k: v.detach() for k, v in model.state_dict().items()}

@@ -22,21 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "DATASETS",
-    "CIFARDataModule",
-    "CIFARSpec",
-    "DataError",
-    "TensorLoader",
-    "augment",
-    "augment_params",
-    "crop_flip",
-    "ensure_cifar",
-    "load_cifar",
-    "split_indices",
-    "to_float",
-]
-
 PAD = 4
 SIZE = 32
 

@@ -56,30 +56,91 @@ class BasicBlock(nn.Module):
         return F.relu(out)
 
 
-class ResNet(nn.Module):
-    """CIFAR ResNet (3x3 stride-1 stem, four stages of ``BasicBlock``, 4x4 average pool, ``linear``)."""
+class StagedNet(nn.Module):
+    """A CIFAR network as stem, groups of blocks, head: ``forward`` and the stages MRC's fast path uses.
 
-    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: int = 64) -> None:
+    Subclasses name their ``groups`` (each an ``nn.Sequential`` of blocks, or a module holding one as
+    ``.layer``), the submodules their ``_stem`` and ``_head`` use, and define those two functions.
+    """
+
+    groups: tuple[str, ...] = ()
+    stem_modules: tuple[str, ...] = ()
+    head_modules: tuple[str, ...] = ()
+
+    def _stem(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _head(self, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self._stem(x)
+        for group in self.groups:
+            out = getattr(self, group)(out)
+        return self._head(out)
+
+    def _blocks(self, group: str) -> tuple[str, nn.Sequential]:
+        """One group's name prefix and its sequence of blocks."""
+        seq = getattr(self, group)
+        return (group, seq) if isinstance(seq, nn.Sequential) else (f"{group}.layer", seq.layer)
+
+    def named_stages(self) -> list[tuple[str, nn.Module]]:
+        """``(prefix, stage)`` in forward order; ``prefix`` + parameter name = this network's name."""
+        blocks = [
+            (f"{prefix}.{i}", block)
+            for prefix, seq in map(self._blocks, self.groups)
+            for i, block in enumerate(seq)
+        ]
+        return [
+            ("", Stage(self._stem, **{n: getattr(self, n) for n in self.stem_modules})),
+            *blocks,
+            ("", Stage(self._head, **{n: getattr(self, n) for n in self.head_modules})),
+        ]
+
+    def stages(self) -> list[nn.Module]:
+        """Modules whose sequential composition equals ``forward`` (stem, every block, head)."""
+        return [stage for _, stage in self.named_stages()]
+
+
+class FourGroupResNet(StagedNet):
+    """The body ResNet and PreAct ResNet share: ``layer1..4`` of ``block`` at widths w, 2w, 4w, 8w."""
+
+    block: type[nn.Module] = nn.Module
+    groups = ("layer1", "layer2", "layer3", "layer4")
+
+    def __init__(self, num_classes: int, width: int) -> None:
         super().__init__()
         if width < 1 or num_classes < 1:
             raise ValueError(f"width={width}, num_classes={num_classes}: both must be positive")
         self.width = width
         self.num_classes = num_classes
         self.in_planes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(width, num_blocks[0], stride=1)
-        self.layer2 = self._make_layer(2 * width, num_blocks[1], stride=2)
-        self.layer3 = self._make_layer(4 * width, num_blocks[2], stride=2)
-        self.layer4 = self._make_layer(8 * width, num_blocks[3], stride=2)
-        self.linear = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
+
+    def _add_groups(self, num_blocks: list[int]) -> None:
+        for i, (n, stride) in enumerate(zip(num_blocks, (1, 2, 2, 2), strict=True)):
+            self.add_module(self.groups[i], self._make_layer(self.width * 2**i, n, stride))
 
     def _make_layer(self, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (num_blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes * BasicBlock.expansion
+            layers.append(self.block(self.in_planes, planes, s))
+            self.in_planes = planes * self.block.expansion
         return nn.Sequential(*layers)
+
+
+class ResNet(FourGroupResNet):
+    """CIFAR ResNet (3x3 stride-1 stem, four stages of ``BasicBlock``, 4x4 average pool, ``linear``)."""
+
+    block = BasicBlock
+    stem_modules = ("conv1", "bn1")
+    head_modules = ("linear",)
+
+    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: int = 64) -> None:
+        super().__init__(num_classes, width)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self._add_groups(num_blocks)
+        self.linear = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
 
     def _stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
@@ -87,28 +148,6 @@ class ResNet(nn.Module):
     def _head(self, out: Tensor) -> Tensor:
         out = F.avg_pool2d(out, 4)
         return self.linear(out.view(out.size(0), -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._stem(x)
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self._head(out)
-
-    def named_stages(self) -> list[tuple[str, nn.Module]]:
-        """``(prefix, stage)`` in forward order; ``prefix`` + parameter name = this network's name."""
-        blocks = [
-            (f"{name}.{i}", block)
-            for name in ("layer1", "layer2", "layer3", "layer4")
-            for i, block in enumerate(getattr(self, name))
-        ]
-        return [
-            ("", Stage(self._stem, conv1=self.conv1, bn1=self.bn1)),
-            *blocks,
-            ("", Stage(self._head, linear=self.linear)),
-        ]
-
-    def stages(self) -> list[nn.Module]:
-        """Modules whose sequential composition equals ``forward`` (stem, every block, head)."""
-        return [stage for _, stage in self.named_stages()]
 
 
 def ResNet18(num_classes: int = 10, width: int = 64) -> ResNet:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rift_bn.models.resnet import Stage
+from rift_bn.models.resnet import StagedNet
 
 
 class WideBasicBlock(nn.Module):
@@ -63,8 +63,12 @@ class NetworkBlock(nn.Module):
         return self.layer(x)
 
 
-class WideResNet(nn.Module):
+class WideResNet(StagedNet):
     """WideResNet-``depth``-``width`` (``width`` = widen factor; channels 16, 16w, 32w, 64w)."""
+
+    groups = ("block1", "block2", "block3")
+    stem_modules = ("conv1",)
+    head_modules = ("bn1", "fc")
 
     def __init__(self, depth: int = 34, num_classes: int = 10, width: int = 10) -> None:
         super().__init__()
@@ -106,25 +110,3 @@ class WideResNet(nn.Module):
     def _head(self, out: Tensor) -> Tensor:
         out = F.avg_pool2d(self.relu(self.bn1(out)), 8)
         return self.fc(out.view(out.size(0), -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self._stem(x)
-        out = self.block3(self.block2(self.block1(out)))
-        return self._head(out)
-
-    def named_stages(self) -> list[tuple[str, nn.Module]]:
-        """``(prefix, stage)`` in forward order; ``prefix`` + parameter name = this network's name."""
-        blocks = [
-            (f"{name}.layer.{i}", block)
-            for name in ("block1", "block2", "block3")
-            for i, block in enumerate(getattr(self, name).layer)
-        ]
-        return [
-            ("", Stage(self._stem, conv1=self.conv1)),
-            *blocks,
-            ("", Stage(self._head, bn1=self.bn1, fc=self.fc)),
-        ]
-
-    def stages(self) -> list[nn.Module]:
-        """Modules whose sequential composition equals ``forward`` (stem conv, every block, head)."""
-        return [stage for _, stage in self.named_stages()]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_bn.attacks import PGD
@@ -14,6 +12,8 @@ from rift_bn.modules.common import RobustClassifier
 
 class AdversarialTraining(RobustClassifier):
     """Train on PGD examples (generated in eval mode); remember the weights with the best val robust acc."""
+
+    acc_name = "robust_acc"  # logged as train/<acc_name>
 
     def __init__(
         self,
@@ -28,30 +28,19 @@ class AdversarialTraining(RobustClassifier):
         gamma: float = 0.1,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(model, eval_attack, num_classes, channels_last)
+        super().__init__(
+            model, eval_attack, num_classes, channels_last, lr, momentum, weight_decay, milestones, gamma
+        )
         self.train_attack = train_attack
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.milestones, self.gamma = list(milestones), gamma
         self.best_robust_acc = -1.0
         self.best_epoch = 0
         self.best_state: dict[str, Tensor] | None = None
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        x_adv = self.train_attack(self.model, x, y)
-        logits = self.model(x_adv)
-        loss = F.cross_entropy(logits, y)
-        self.check_finite(loss, batch_idx, "adversarial training", "at.lr")
-        acc = (logits.argmax(1) == y).float().mean() * 100
-        self.log_dict({"train/loss": loss, "train/robust_acc": acc}, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(
-            self.model.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        return self.cross_entropy_step(
+            self.train_attack(self.model, x, y), y, batch_idx, "adversarial training", "at.lr"
         )
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
-        return [opt], [sched]
 
     def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:
         if robust_acc > self.best_robust_acc:

@@ -1,4 +1,4 @@
-"""What every training stage shares: device-side input pipeline, clean + PGD validation, history."""
+"""What every training stage shares: device-side input pipeline, SGD, clean + PGD validation, history."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -17,14 +18,28 @@ class RobustClassifier(L.LightningModule):
     """A wrapped model whose validation reports clean and PGD accuracy (percent) once per epoch.
 
     Batches arrive as uint8; ``on_after_batch_transfer`` turns them into [0, 1] floats on the
-    training device and augments training batches there (crop + flip, batched).
+    training device and augments training batches there (crop + flip, batched). Training is SGD with
+    momentum over the trainable parameters, lr x ``gamma`` at each of ``milestones`` (epochs).
     """
 
+    acc_name = "acc"  # logged as train/<acc_name>
+
     def __init__(
-        self, model: nn.Module, eval_attack: PGD, num_classes: int, channels_last: bool = False
+        self,
+        model: nn.Module,
+        eval_attack: PGD,
+        num_classes: int,
+        channels_last: bool = False,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        milestones: tuple[int, ...] = (),
+        gamma: float = 0.1,
     ) -> None:
         super().__init__()
         self.model = model
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.milestones, self.gamma = list(milestones), gamma
         self.eval_attack = eval_attack
         self.channels_last = channels_last
         self.val_clean = MulticlassAccuracy(num_classes, average="micro")
@@ -44,6 +59,21 @@ class RobustClassifier(L.LightningModule):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    def cross_entropy_step(self, x: Tensor, y: Tensor, batch_idx: int, stage: str, setting: str) -> Tensor:
+        """Mean cross-entropy on ``x``; logs ``train/loss`` and ``train/<acc_name>`` per epoch."""
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        self.check_finite(loss, batch_idx, stage, setting)
+        acc = (logits.argmax(1) == y).float().mean() * 100
+        self.log_dict({"train/loss": loss, f"train/{self.acc_name}": acc}, on_step=False, on_epoch=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
+        return [opt], [sched]
 
     def check_finite(self, loss: Tensor, batch_idx: int, stage: str, setting: str) -> None:
         """Stop on a NaN/Inf loss, naming the stage; on accelerators only every 25 steps (it syncs)."""
@@ -88,3 +118,18 @@ class RobustClassifier(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
+
+
+def quiet_trainer(**overrides: Any) -> L.Trainer:
+    """A Trainer for benchmarks and tests: CPU, no logger, checkpoints, progress bar, summary or sanity
+    check, gradients enabled in validation (PGD needs them); ``overrides`` win."""
+    settings: dict[str, Any] = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "inference_mode": False,
+    }
+    return L.Trainer(**(settings | overrides))

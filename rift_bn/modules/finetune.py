@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_bn.attacks import PGD
@@ -14,6 +10,8 @@ from rift_bn.modules.common import RobustClassifier
 
 class FineTuning(RobustClassifier):
     """Clean cross-entropy; SGD with momentum over the trainable parameters only; lr x gamma at milestones."""
+
+    acc_name = "clean_acc"  # logged as train/<acc_name>
 
     def __init__(
         self,
@@ -27,21 +25,10 @@ class FineTuning(RobustClassifier):
         gamma: float = 0.1,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(model, eval_attack, num_classes, channels_last)
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.milestones, self.gamma = list(milestones), gamma
+        super().__init__(
+            model, eval_attack, num_classes, channels_last, lr, momentum, weight_decay, milestones, gamma
+        )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
-        logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
-        self.check_finite(loss, batch_idx, "fine-tuning", "finetune.lr")
-        acc = (logits.argmax(1) == y).float().mean() * 100
-        self.log_dict({"train/loss": loss, "train/clean_acc": acc}, on_step=False, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=self.milestones, gamma=self.gamma)
-        return [opt], [sched]
+        return self.cross_entropy_step(x, y, batch_idx, "fine-tuning", "finetune.lr")
