@@ -4,10 +4,10 @@ BIN := $(VENV)/bin
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: help install test lint smoke bench data clean
+.PHONY: help install test lint smoke bench gpu-check data clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' Makefile | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' Makefile | awk -F':.*## ' '{printf "  make %-9s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,5 +36,8 @@ smoke: install data  ## the main job at smoke scale: RiFT vs RiFT-with-BN, k=1,2
 bench: install  ## performance ratios (docs/performance.md)
 	$(BIN)/python -m rift_bn.bench
 
+gpu-check: install data  ## the GPU path on a GPU machine: bf16, channels_last, compile, MRC timings (-> gpu_check/)
+	DATA=$(abspath $(DATA)) PY=$(BIN)/python bash scripts/gpu_check.sh
+
 clean:  ## remove outputs (not the venv)
-	rm -rf outputs multirun .cache wandb
+	rm -rf outputs multirun .cache wandb gpu_check

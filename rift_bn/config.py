@@ -48,6 +48,8 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.method.name, "method", METHODS)
     _choice(cfg.logger.name, "logger", LOGGERS)
     _choice(cfg.finetune.bn_stats, "finetune.bn_stats", ("selected", "all", "none"))
+    if cfg.trainer.get("deterministic", False) not in (True, False, "warn"):
+        raise ConfigError(f"trainer.deterministic={cfg.trainer.deterministic}: choose true, false or warn")
     _choice(cfg.mrc.estimator, "mrc.estimator", ("exact", "linear"))
     if not isinstance(cfg.mrc.get("linear_step", False), bool):
         raise ConfigError(f"mrc.linear_step={cfg.mrc.linear_step}: must be true or false")

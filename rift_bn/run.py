@@ -61,9 +61,21 @@ def is_complete(results: dict) -> bool:
     return all(k in results for k in ("stage", "base", "final", "delta", "timings", "config"))
 
 
+def deterministic_mode(setting: bool | str) -> None:
+    """``trainer.deterministic`` for the whole job, not only inside Lightning's Trainer: the adversarial
+    sets, MRC and evaluation run outside it (on GPU, cuDNN's default kernels make MRC differ run to run).
+    ``true`` raises on an op without a deterministic kernel, ``"warn"`` warns."""
+    if setting in (False, None):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first use
+    torch.use_deterministic_algorithms(True, warn_only=setting == "warn")
+    torch.backends.cudnn.benchmark = False
+
+
 def execute(cfg: DictConfig) -> Path:
     """Run one job and return the path of its results.json."""
     validate(cfg)
+    deterministic_mode(cfg.trainer.deterministic)
     output_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
     results_path = output_dir / "results.json"
     cache_dir = Path(cfg.cache_dir).expanduser().resolve()

@@ -50,6 +50,7 @@ def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
         (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
         (["mrc.estimator=taylor"], ["mrc.estimator=taylor", "linear"]),
         (["mrc.linear_step=maybe"], ["mrc.linear_step=maybe", "true or false"]),
+        (["trainer.deterministic=always"], ["trainer.deterministic=always", "warn"]),
         (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
         (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
     ],
@@ -164,3 +165,24 @@ def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:
         if key in ("base", "final"):
             a[key].pop("checkpoint"), b[key].pop("checkpoint")
         assert a[key] == b[key], key
+
+
+def test_deterministic_mode_covers_the_whole_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.deterministic is set for the process (MRC and evaluation run outside the Trainer)."""
+    from rift_bn.run import deterministic_mode
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        deterministic_mode(False)
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        deterministic_mode("warn")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        deterministic_mode(True)
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8" and not torch.backends.cudnn.benchmark
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.benchmark = benchmark
