@@ -56,6 +56,17 @@ def seeded(seed: int):
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
+def deterministic_mode(setting: bool | str) -> None:
+    """``trainer.deterministic`` for the whole job, not only inside Lightning's Trainer: the adversarial
+    sets, MRC and evaluation run outside it (on GPU, cuDNN's default kernels make MRC differ run to run).
+    ``true`` raises on an op without a deterministic kernel, ``"warn"`` warns."""
+    if setting in (False, None):
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first use
+    torch.use_deterministic_algorithms(True, warn_only=setting == "warn")
+    torch.backends.cudnn.benchmark = False
+
+
 @contextmanager
 def ddp_relaunch(trainer: L.Trainer, output_dir: Path):
     """Let Lightning's DDP launcher re-run exactly this job in its worker processes, then tidy up.

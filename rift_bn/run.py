@@ -27,7 +27,7 @@ from rift_bn.data import CIFARDataModule, DataError
 from rift_bn.interpolate import interpolate_state
 from rift_bn.models import candidate_modules
 from rift_bn.models.checkpoint import CheckpointError, file_sha256, save_state_dict
-from rift_bn.pipeline import NON_RESULT_KEYS, Run
+from rift_bn.pipeline import NON_RESULT_KEYS, Run, deterministic_mode
 from rift_bn.report.summary import format_summary
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError)
@@ -59,17 +59,6 @@ def pick_device(cfg: DictConfig) -> tuple[torch.device, int | None]:
 
 def is_complete(results: dict) -> bool:
     return all(k in results for k in ("stage", "base", "final", "delta", "timings", "config"))
-
-
-def deterministic_mode(setting: bool | str) -> None:
-    """``trainer.deterministic`` for the whole job, not only inside Lightning's Trainer: the adversarial
-    sets, MRC and evaluation run outside it (on GPU, cuDNN's default kernels make MRC differ run to run).
-    ``true`` raises on an op without a deterministic kernel, ``"warn"`` warns."""
-    if setting in (False, None):
-        return
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it before its first use
-    torch.use_deterministic_algorithms(True, warn_only=setting == "warn")
-    torch.backends.cudnn.benchmark = False
 
 
 def execute(cfg: DictConfig) -> Path:

@@ -169,7 +169,7 @@ def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:
 
 def test_deterministic_mode_covers_the_whole_job(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.deterministic is set for the process (MRC and evaluation run outside the Trainer)."""
-    from rift_bn.run import deterministic_mode
+    from rift_bn.pipeline import deterministic_mode
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     benchmark = torch.backends.cudnn.benchmark
