@@ -3,6 +3,9 @@
 One job: (train or load) the adversarially trained base model; for ``stage=finetune`` compute or load
 the MRC table, fine-tune the selected modules on clean data, interpolate towards the base model on the
 selection split; finally evaluate on the test set and write ``results.json`` beside Hydra's output.
+
+Under ``python -m`` this module is ``__main__``, so the joblib launcher pickles its functions by value
+(cloudpickle): keep work in importable modules (``rift_bn.pipeline``) and only call it from here.
 """
 
 from __future__ import annotations
