@@ -33,7 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rift_bn.data import DataError
 from rift_bn.models import NormalizedModel, candidate_modules, frozen
+from rift_bn.models.checkpoint import CheckpointError
 from rift_bn.mrc import KINDS, MRCProtocol, _compose, compute_mrc, perturbed_params
 
 ESTIMATOR = "linear"
@@ -411,9 +413,11 @@ def agree(paths: Sequence[str | Path]) -> str:
     """Rank agreement between ``compare`` results on different example sets of the same base: exact vs
     exact, linear vs linear, and each set's exact vs linear (per candidate set, Spearman / Kendall)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
+    if any(set(res["sets"]) != set(results[0]["sets"]) for res in results):
+        raise ValueError("agree: the results cover different candidate sets; run compare with one --kinds")
     lines = []
     for s in results[0]["sets"]:
-        tables = [{r["name"]: r for r in res["sets"][s]["rows"]} for res in results if s in res["sets"]]
+        tables = [{r["name"]: r for r in res["sets"][s]["rows"]} for res in results]
         names = list(tables[0])
         if any(list(t) != names for t in tables):
             raise ValueError(f"agree: the results list different {s} candidates")
@@ -491,9 +495,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = sub.add_parser("agree", help="rank agreement between compare results on different example sets")
     a.add_argument("results", nargs="+", help="--json files of compare runs on the same base")
     args = parser.parse_args(argv)
+    try:
+        return _command(args)
+    except (ValueError, OSError, DataError, CheckpointError) as e:  # one line, exit 2, nothing written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "agree":
         print(agree(args.results))
         return 0
+    if not Path(args.checkpoint).is_file():
+        raise ValueError(f"--checkpoint {args.checkpoint}: no such file; pass a base model's .pt")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = compare(

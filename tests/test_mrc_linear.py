@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -300,3 +301,19 @@ def test_compare_on_disjoint_example_sets_and_agree(tmp_path: Path, capsys: pyte
     assert lines[2].startswith("  linear ") and lines[2].endswith(": 1.000 / 1.000")
     with pytest.raises(ValueError, match="do not fit"):
         compare(None, "", model=model, data=(x, y), first=10, num_examples=6, kinds="rift")
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rows = [{"name": n, "exact": 1.0, "linear": 2.0} for n in ("a", "b")]
+    for name, kinds in (("rift", "rift"), ("both", "rift_bn")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"sets": {kinds: {"rows": rows}}}))
+    cases = [
+        (["agree", str(tmp_path / "rift.json"), str(tmp_path / "both.json")], "different candidate sets"),
+        (["agree", str(tmp_path / "rift.json"), str(tmp_path / "missing.json")], "missing.json"),
+        (["compare", "--checkpoint", str(tmp_path / "no.pt"), "--data-root", str(tmp_path)], "--checkpoint"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "cmp.json").exists()
