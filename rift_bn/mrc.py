@@ -99,13 +99,20 @@ def _loss_and_acc(
     return total.item() / len(y), 100.0 * int(correct) / len(y)
 
 
+def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """Summed cross-entropy in at least float32 (float64 stays float64)."""
+    if logits.dtype != torch.float64:
+        logits = logits.float()
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
 def _sums(logits_of: Callable[[Index], Tensor], y: Tensor, chunks: Sequence[Index]) -> tuple[Tensor, Tensor]:
     """Summed cross-entropy (float64) and number correct over ``chunks``, on the device (no sync)."""
     total = torch.zeros((), dtype=torch.float64, device=y.device)
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
     for idx in chunks:
         logits = logits_of(idx)
-        total += F.cross_entropy(logits.float(), y[idx], reduction="sum").double()
+        total += _ce_sum(logits, y[idx]).double()
         correct += (logits.argmax(1) == y[idx]).sum()
     return total, correct
 

@@ -30,13 +30,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rift_bn.data import DataError
 from rift_bn.models import NormalizedModel, candidate_modules, frozen
 from rift_bn.models.checkpoint import CheckpointError
-from rift_bn.mrc import KINDS, MRCProtocol, _compose, compute_mrc, perturbed_params
+from rift_bn.mrc import KINDS, MRCProtocol, _ce_sum, _compose, _loss_and_acc, compute_mrc, perturbed_params
 
 ESTIMATOR = "linear"
 
@@ -45,26 +44,6 @@ def _stages(model: nn.Module) -> list[nn.Module]:
     """``model.stages()`` where the network has them, else the whole model as one stage."""
     net = model.net if isinstance(model, NormalizedModel) else model
     return list(model.stages()) if hasattr(net, "stages") and hasattr(model, "stages") else [model]
-
-
-@torch.no_grad()
-def _loss_and_acc(
-    forward: Callable[[Tensor], Tensor], h: Tensor, y: Tensor, batch_size: int
-) -> tuple[float, float]:
-    """Mean cross-entropy (float64 accumulation) and accuracy (percent) over the whole set."""
-    total, correct = torch.zeros((), dtype=torch.float64, device=y.device), 0
-    for i in range(0, len(y), batch_size):
-        logits = forward(h[i : i + batch_size])
-        total += _ce_sum(logits, y[i : i + batch_size]).double()
-        correct += int((logits.argmax(1) == y[i : i + batch_size]).sum())
-    return total.item() / len(y), 100.0 * correct / len(y)
-
-
-def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
-    """Summed cross-entropy in at least float32 (float64 stays float64)."""
-    if logits.dtype != torch.float64:
-        logits = logits.float()
-    return F.cross_entropy(logits, y, reduction="sum")
 
 
 def set_gradients(
