@@ -15,6 +15,8 @@ import torch
 from filelock import FileLock
 
 T = TypeVar("T")
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, which files written here honour
 
 
 def digest(obj: Any, n: int = 16) -> str:
@@ -31,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; a shared cache must be readable by others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

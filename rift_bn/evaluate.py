@@ -35,23 +35,26 @@ def evaluate(
 ) -> dict[str, float]:
     """Clean accuracy and accuracy under ``attack`` (and AutoAttack if ``autoattack_eps``), in percent."""
     device = torch.device(device)
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # per module: a mixed state comes back as it was
     model.eval()
     metrics = {
         name: MulticlassAccuracy(num_classes, average="micro").to(device)
         for name in ("clean_acc", "robust_acc", "autoattack_acc")
     }
-    for i in range(0, len(x), batch_size):
-        xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
-        with autocast(device, precision):
-            metrics["clean_acc"].update(model(xb), yb)
-            if attack is not None:
-                metrics["robust_acc"].update(model(attack(model, xb, yb)), yb)
-            if autoattack_eps is not None:
-                metrics["autoattack_acc"].update(
-                    model(autoattack(model, xb, yb, autoattack_eps, num_classes)), yb
-                )
-    model.train(was_training)
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
+            with autocast(device, precision):
+                metrics["clean_acc"].update(model(xb), yb)
+                if attack is not None:
+                    metrics["robust_acc"].update(model(attack(model, xb, yb)), yb)
+                if autoattack_eps is not None:
+                    metrics["autoattack_acc"].update(
+                        model(autoattack(model, xb, yb, autoattack_eps, num_classes)), yb
+                    )
+    finally:
+        for m, mode in modes:
+            m.training = mode
     out = {"clean_acc": 100 * metrics["clean_acc"].compute().item()}
     if attack is not None:
         out["robust_acc"] = 100 * metrics["robust_acc"].compute().item()

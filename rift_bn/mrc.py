@@ -171,7 +171,8 @@ def _ascent(
                     first = order[0]
                     with torch.enable_grad():
                         logits = forward(*_take(inputs, first))
-                        ce = F.cross_entropy(logits.float(), y[first], reduction="none")
+                        wide = logits if logits.dtype == torch.float64 else logits.float()  # as _ce_sum
+                        ce = F.cross_entropy(wide, y[first], reduction="none")
                         pending = ce.mean()
                     total += ce.detach().double().sum()
                     correct += (logits.detach().argmax(1) == y[first]).sum()

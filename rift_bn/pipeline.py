@@ -32,7 +32,15 @@ from rift_bn.modules import AdversarialTraining, FineTuning
 from rift_bn.mrc import MRCProtocol, compute_mrc
 
 # Settings that change no number: left out of every cache key.
-NON_RESULT_KEYS = ("logger", "force", "cache_dir", "trainer.progress_bar", "trainer.log_every_n_steps")
+NON_RESULT_KEYS = (  # settings that change no number: the same job wherever its data and caches live
+    "logger",
+    "force",
+    "cache_dir",
+    "data.root",
+    "data.download",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+)
 
 
 def make_attack(acfg: DictConfig, prefix: str = "attack") -> PGD:
@@ -284,13 +292,46 @@ class Run:
         shutil.rmtree(work, ignore_errors=True)
 
     # ---- stage: MRC ---------------------------------------------------------------------------------
-    def adversarial_set(self, model: torch.nn.Module, ckpt_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """PGD examples of the selection split on the base model (eval mode), made once per base and split."""
-        n = self.cfg.mrc.num_examples or len(self.dm.val_y)
+    def adversarial_set_path(self, ckpt_hash: str, n: int) -> Path:
+        """Cache file of the first ``n`` selection-split examples attacked on the base ``ckpt_hash``."""
         key = cache.digest(
             {"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"], "n": n}
         )
-        path = self.cache_dir / "adv" / f"{ckpt_hash[:16]}-{key}.pt"
+        return self.cache_dir / "adv" / f"{ckpt_hash[:16]}-{key}.pt"
+
+    def mrc_protocol(self) -> MRCProtocol:
+        m = self.cfg.mrc
+        return MRCProtocol(
+            epsilon=m.epsilon,
+            epochs=m.epochs,
+            lr=m.lr,
+            batch_size=m.batch_size,
+            shuffle=m.shuffle,
+            seed=self.cfg.seed,
+        )
+
+    def mrc_path(self, ckpt_hash: str) -> Path:
+        """Cache file of base ``ckpt_hash``'s MRC table: one per estimator, protocol, split and attack."""
+        m = self.cfg.mrc
+        # the linear estimator's table with the measured step differs from the one without it
+        step = {"linear_step": bool(m.get("linear_step", False))} if m.estimator == "linear" else {}
+        key = cache.digest(
+            {
+                "ckpt": ckpt_hash,
+                **self.split_key(),
+                "n": m.num_examples,
+                "estimator": m.estimator,
+                **step,
+                "protocol": self.mrc_protocol().key(),
+                "attack": self.plain("attack")["attack"],
+            }
+        )
+        return self.cache_dir / "mrc" / f"{ckpt_hash[:16]}-{m.estimator}-{key}.json"
+
+    def adversarial_set(self, model: torch.nn.Module, ckpt_hash: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """PGD examples of the selection split on the base model (eval mode), made once per base and split."""
+        n = self.cfg.mrc.num_examples or len(self.dm.val_y)
+        path = self.adversarial_set_path(ckpt_hash, n)
 
         def compute() -> dict:
             x, y = self.dm.val_x[:n], self.dm.val_y[:n]
@@ -316,29 +357,7 @@ class Run:
         self, model: torch.nn.Module, ckpt_hash: str, kinds: tuple[str, ...]
     ) -> tuple[list[dict], str]:
         """MRC rows for every candidate of ``kinds``; each module computed once per base and protocol."""
-        m = self.cfg.mrc
-        proto = MRCProtocol(
-            epsilon=m.epsilon,
-            epochs=m.epochs,
-            lr=m.lr,
-            batch_size=m.batch_size,
-            shuffle=m.shuffle,
-            seed=self.cfg.seed,
-        )
-        # the linear estimator's table with the measured step differs from the one without it
-        step = {"linear_step": bool(m.get("linear_step", False))} if m.estimator == "linear" else {}
-        key = cache.digest(
-            {
-                "ckpt": ckpt_hash,
-                **self.split_key(),
-                "n": m.num_examples,
-                "estimator": m.estimator,
-                **step,
-                "protocol": proto.key(),
-                "attack": self.plain("attack")["attack"],
-            }
-        )
-        path = self.cache_dir / "mrc" / f"{ckpt_hash[:16]}-{m.estimator}-{key}.json"
+        m, proto, path = self.cfg.mrc, self.mrc_protocol(), self.mrc_path(ckpt_hash)
         from rift_bn.models import candidate_modules
 
         wanted = [n for n, _, _ in candidate_modules(model, set(kinds))]
@@ -362,7 +381,9 @@ class Run:
                         if m.estimator == "linear":
                             from rift_bn.mrc_linear import linear_mrc
 
-                            new = linear_mrc(model, x, y, missing, proto, measure_step=step["linear_step"])
+                            new = linear_mrc(
+                                model, x, y, missing, proto, measure_step=bool(m.get("linear_step", False))
+                            )
                         else:
                             new = compute_mrc(model, x, y, missing, proto, progress=self.progress)
                     table["rows"].update({r["name"]: r for r in new["rows"]})
@@ -438,9 +459,28 @@ class Run:
         best = choose_alpha(curve, base_val["robust_acc"], self.cfg.interpolation.tolerance)
         return curve, best
 
+    def eval_path(self, ckpt_hash: str, split: str) -> Path:
+        """Cache file of base ``ckpt_hash``'s evaluation on ``split``: "val" (selection) or "test"."""
+        c = self.cfg
+        # evaluation runs under the precision's autocast, so the precision is part of the numbers
+        key: dict = {
+            "ckpt": ckpt_hash,
+            "attack": self.plain("attack")["attack"],
+            "precision": c.trainer.precision,
+        }
+        if split == "val":
+            key |= self.split_key()
+        else:
+            key |= {
+                "data": c.data.name,
+                "test_subset": c.data.test_subset,
+                "aa": c.eval.autoattack,
+                "seed": c.seed,
+            }
+        return self.cache_dir / "eval" / f"{ckpt_hash[:16]}-{split}-{cache.digest(key)}.json"
+
     def base_val(self, model: torch.nn.Module, ckpt_hash: str) -> dict:
-        key = cache.digest({"ckpt": ckpt_hash, **self.split_key(), "attack": self.plain("attack")["attack"]})
-        path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-val-{key}.json"
+        path = self.eval_path(ckpt_hash, "val")
         with self.timed("base_eval"):
             out, _ = cache.cached(
                 path,
@@ -451,18 +491,7 @@ class Run:
         return out
 
     def base_test(self, model: torch.nn.Module, ckpt_hash: str) -> dict:
-        d = self.cfg.data
-        key = cache.digest(
-            {
-                "ckpt": ckpt_hash,
-                "data": d.name,
-                "test_subset": d.test_subset,
-                "aa": self.cfg.eval.autoattack,
-                "attack": self.plain("attack")["attack"],
-                "seed": self.cfg.seed,
-            }
-        )
-        path = self.cache_dir / "eval" / f"{ckpt_hash[:16]}-test-{key}.json"
+        path = self.eval_path(ckpt_hash, "test")
         x, y = self.dm.test_tensors()
         with self.timed("base_eval"):
             out, _ = cache.cached(

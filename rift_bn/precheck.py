@@ -1,67 +1,184 @@
-"""Check a command line before Hydra runs it: composition errors and bad settings as one-line messages."""
+"""Check a command line before Hydra runs it: composition errors and bad settings as one-line messages.
+
+A multirun is checked job by job: every combination of the swept values (up to ``MAX_JOBS``), else
+each value of each sweep with the other sweeps at their first value. The config is composed once per
+distinct set of fixed and config-group overrides; swept plain values are applied to a copy of it the
+way Hydra applies them, so a sweep over ``k`` or ``seed`` costs one composition.
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
+import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+GROUPS = frozenset(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
 PLAIN_FLAGS = {"-m", "--multirun"}
+MAX_JOBS = 64
+
+if TYPE_CHECKING:
+    from hydra.core.override_parser.types import Override
 
 
-def _first_of_sweeps(overrides: list[str]) -> list[str]:
-    """One job's overrides: the first value of every sweep (``k=1,2,3`` -> ``k=1``); hydra.* left to Hydra."""
+class _Refused(Exception):
+    """A one-line reason found while expanding the sweep."""
+
+
+def _jobs(parsed: list[Override]) -> list[list[Override]]:
+    """Each job to check, as one parsed override per command-line override (sweeps resolved).
+
+    ``parsed`` excludes hydra.* overrides. Swept values are re-parsed as ``key=value`` like Hydra's
+    basic sweeper does.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    out = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        key = o.get_key_element()
-        if key.lstrip("+~").startswith("hydra"):
+    parser = OverridesParser.create()
+    options: list[list[Override]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            options.append([o])
             continue
-        if o.is_sweep_override():
-            out.append(f"{key}={next(iter(o.sweep_string_iterator()))}")
-        else:
-            out.append(o.input_line)
-    return out
+        key = o.get_key_element()
+        values = [f"{key}={v}" for v in o.sweep_string_iterator()]
+        if not values:
+            raise _Refused(f"{o.input_line}: the sweep has no values")
+        options.append(parser.parse_overrides(values))
+    if math.prod(len(opt) for opt in options) <= MAX_JOBS:
+        return [list(job) for job in itertools.product(*options)]
+    first = [opt[0] for opt in options]
+    return [first] + [first[:i] + [v] + first[i + 1 :] for i, opt in enumerate(options) for v in opt[1:]]
+
+
+def _is_group(o: Override) -> bool:
+    return o.package is not None or o.key_or_group.split("/")[0] in GROUPS
+
+
+def _check_jobs(
+    parsed: list[Override], compose: Callable[[list[str]], DictConfig], validate: Callable[[DictConfig], None]
+) -> None:
+    """Compose and validate every job of ``_jobs(parsed)``; raises on the first bad one."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    apply = getattr(ConfigLoaderImpl, "_apply_overrides_to_config", None)
+    swept = [src.is_sweep_override() and apply is not None for src in parsed]
+    composed: dict[tuple[str, ...], DictConfig] = {}
+    for job in _jobs(parsed):
+        # swept plain values go on top of a cached composition; config groups go through compose
+        late = [o for o, s in zip(job, swept, strict=True) if s and not _is_group(o)]
+        early = tuple(o.input_line for o, s in zip(job, swept, strict=True) if not s or _is_group(o))
+        if early not in composed:
+            composed[early] = compose(list(early))
+        cfg = copy.deepcopy(composed[early])
+        if late:
+            apply(late, cfg)
+        _resolve(cfg)
+        validate(cfg)
+
+
+def _interpolated(node: object, prefix: str = "") -> list[str]:
+    """Dotted keys of the leaves written as ``${...}`` in a plain container."""
+    if isinstance(node, dict | list):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        return [k for key, v in items for k in _interpolated(v, f"{prefix}{key}.")]
+    return [prefix[:-1]] if isinstance(node, str) and "${" in node else []
+
+
+def _resolve(cfg: DictConfig) -> None:
+    """Resolve every interpolation in place; a failure names the setting whose value cannot be resolved."""
+    try:
+        OmegaConf.resolve(cfg)
+    except InterpolationResolutionError as e:
+        for key in _interpolated(OmegaConf.to_container(cfg, resolve=False)):
+            try:
+                OmegaConf.select(cfg, key)
+            except InterpolationResolutionError as inner:
+                raw = OmegaConf.to_container(cfg, resolve=False)
+                for part in key.split("."):
+                    raw = raw[int(part) if isinstance(raw, list) else part]  # type: ignore[index]
+                raise _Refused(
+                    f"{key}={raw}: cannot resolve it ({_first_line(inner)}); fix or replace it"
+                ) from e
+        raise
+
+
+def _setting_of(text: str, exc: Exception) -> str | None:
+    key = getattr(exc, "full_key", None)
+    if key:
+        return str(key)
+    found = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
+    return found.group(1) if found else None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _explain(exc: Exception, overrides: list[str]) -> str:
-    text = str(exc)
+    """One line for a Hydra / omegaconf error: the setting and what to do."""
+    from hydra.errors import OverrideParseException
+
+    text, first = str(exc), _first_line(exc)
+    if isinstance(exc, OverrideParseException):
+        return (
+            f"{exc.override}: cannot parse it ({first}); quote values with special characters, "
+            "see https://hydra.cc/docs/advanced/override_grammar/basic"
+        )
     missing = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if missing:
         group, name = missing.groups()
         options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
         return f"{group}={name}: unknown {group}; choose one of {', '.join(options)}"
-    key = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
+    deleted = re.search(r"Could not delete from config. '([^']+)'", text)
+    if deleted:
+        return f"~{deleted.group(1)}: no such setting to delete; check the spelling"
+    appended = re.search(r"Could not append to config. An item is already at '([^']+)'", text)
+    if appended:
+        key = appended.group(1)
+        return f"+{key}: {key} exists already; set it without the + ({key}=...)"
+    key = _setting_of(text, exc)
+    if isinstance(exc, OmegaConfBaseException) and key:
+        return f"{key}: {first}; check this setting (`python -m rift_bn.run --cfg job` lists every key)"
     if key:
-        given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key.group(1)), key.group(1))
+        given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
         return (
             f"{given}: no such setting; check the spelling "
             "(`python -m rift_bn.run --cfg job` lists every key; add new keys with +key=value)"
         )
-    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first
 
 
 def precheck(argv: list[str]) -> str | None:
-    """None if the command line composes and validates, else the one-line reason."""
+    """None if every job of the command line composes and validates, else the one-line reason."""
     if any(a.startswith("-") and a not in PLAIN_FLAGS for a in argv):
         return None  # --cfg, --help, --config-name ...: Hydra's own business
     overrides = [a for a in argv if a not in PLAIN_FLAGS]
     from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     from rift_bn.config import ConfigError, validate
 
     try:
-        job = _first_of_sweeps(overrides)
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("config", overrides=job)
-        OmegaConf.resolve(cfg)
-        validate(cfg)
-    except ConfigError as e:
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            parsed = [
+                o
+                for o in parser.parse_overrides(overrides)
+                if not o.get_key_element().lstrip("+~").startswith("hydra")
+            ]
+            _check_jobs(parsed, lambda job: compose("config", overrides=job), validate)
+    except (ConfigError, _Refused) as e:
         return str(e)
-    except (HydraException, ValueError, KeyError) as e:
+    except (HydraException, OmegaConfBaseException, ValueError, KeyError) as e:
         return _explain(e, overrides)
     return None

@@ -79,7 +79,11 @@ def execute(cfg: DictConfig) -> Path:
         print(f"complete already (force=true recomputes): {done}")
         return results_path
     if cfg.force and state_dir.exists() and rank_zero_only.rank == 0:  # DDP workers: never undo rank 0
-        shutil.rmtree(state_dir)
+        for entry in state_dir.iterdir():  # the finished result stays until the new one replaces it
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            elif entry != done:
+                entry.unlink()
 
     dm = CIFARDataModule(
         cfg.data.name,

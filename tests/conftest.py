@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 JPEG = Path(os.environ.get("RIFT_BN_CIFAR10_JPEG", REPO.parent / "shared" / "data" / "cifar10-jpeg"))
@@ -120,3 +121,17 @@ def results_paths(proc: subprocess.CompletedProcess) -> list[Path]:
 
 def load_results(proc: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(p.read_text()) for p in results_paths(proc)]
+
+
+def moved_tensors(r: dict) -> set[str]:
+    """Checkpoint keys whose tensors differ (not bit-identical) between a run's base and final models."""
+    base = torch.load(r["base"]["checkpoint"], weights_only=True)
+    final = torch.load(r["final"]["checkpoint"], weights_only=True)
+    assert final.keys() == base.keys()
+    return {k for k in base if not torch.equal(base[k], final[k])}
+
+
+def of_selected(r: dict, keys: set[str]) -> bool:
+    """Whether every key belongs to one of the run's selected modules."""
+    prefixes = tuple(s["name"] + "." for s in r["selected"])
+    return all(k.startswith(prefixes) for k in keys)

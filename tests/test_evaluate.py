@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -25,3 +26,74 @@ def test_evaluate_counts_and_autoattack_stays_in_the_ball() -> None:
     assert adv.shape == xf[:4].shape and (adv - xf[:4]).abs().max() <= 8 / 255 + 1e-6
     assert adv.min() >= 0 and adv.max() <= 1
     assert not model.training and all(p.requires_grad for p in model.parameters())
+
+
+def _bn_model() -> nn.Module:
+    """A small BatchNorm conv net whose eval-mode and train-mode (batch statistics) predictions differ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=4),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+        nn.BatchNorm1d(10),
+    )
+    with torch.no_grad():  # running statistics far from any batch's, so that a train-mode pass shows
+        for m in (model[1], model[5]):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def _eval_once(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    torch.manual_seed(3)  # the same PGD random start for every call
+    attack = PGD(eps=2 / 255, alpha=1 / 255, steps=2)
+    return evaluate(model, x, y, attack, num_classes=10, batch_size=5)
+
+
+def test_evaluate_restores_train_modes_and_leaves_batchnorm_statistics_alone() -> None:
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        x = torch.randint(
+            0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+        )
+        reference = _bn_model().eval()
+        with torch.no_grad():
+            y = reference(x.float() / 255).argmax(1)  # labels the eval-mode model gets right...
+            batch_stats = torch.cat([_bn_model().train()(x[i : i + 5].float() / 255) for i in (0, 5, 10)])
+        assert (batch_stats.argmax(1) != y).sum() >= 6  # (train-mode predictions differ a lot)
+        y[:3] = (y[:3] + 1) % 10  # ...except three: clean accuracy 75% in eval mode
+        expected = _eval_once(reference, x, y)
+        assert expected["clean_acc"] == 75.0 and 0 < expected["robust_acc"] < 75.0
+        assert not reference.training
+
+        model = _bn_model().train()
+        model[1].eval()  # a mixed state, as while fine-tuning with bn_stats=selected
+        modes = {n: m.training for n, m in model.named_modules()}
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        assert model.training and sum(modes.values()) == len(modes) - 1
+
+        assert _eval_once(model, x, y) == expected  # evaluated in eval mode, as the eval-mode model
+        assert {n: m.training for n, m in model.named_modules()} == modes
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+        assert all(p.grad is None for p in model.parameters())
+        after = model.state_dict()  # running statistics and num_batches_tracked bit-identical
+        assert after.keys() == state.keys()
+        assert all(torch.equal(after[k], v) for k, v in state.items())
+        # ...whereas a train-mode forward would have moved them: the check above can fail.
+        with torch.no_grad():
+            model(x[:5].float() / 255)
+        assert not torch.equal(model[5].running_mean, state["5.running_mean"])
+
+        class Broken(PGD):
+            def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                raise RuntimeError("attack failed")
+
+        with pytest.raises(RuntimeError, match="attack failed"):  # modes come back on errors too
+            evaluate(model, x, y, Broken(), num_classes=10, batch_size=5)
+        assert {n: m.training for n, m in model.named_modules()} == modes
+    finally:
+        torch.set_num_threads(old)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 import torchattacks
 from torch import nn
 
@@ -45,6 +48,12 @@ def theirs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int = 7, **
     return torchattacks.PGD(model, **{"eps": EPS, "alpha": ALPHA, "steps": 10, **kw})(x, y)
 
 
+def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean cross-entropy of the (eval-mode) model in float32: what the attack ascends."""
+    with torch.no_grad():
+        return F.cross_entropy(model(x), y).item()
+
+
 def assert_in_ball(adv: torch.Tensor, x: torch.Tensor, eps: float = EPS) -> None:
     assert adv.dtype == x.dtype and adv.shape == x.shape
     assert (adv - x).abs().max() <= eps + 1e-7
@@ -58,6 +67,10 @@ def test_identical_to_torchattacks(model: nn.Module, random_start: bool) -> None
     b = theirs(model, x, y, random_start=random_start)
     assert torch.equal(a, b)
     assert not torch.equal(a, x)
+    # The steps did the work, not the random start: the loss rose well beyond where they began.
+    start = ours(model, x, y, random_start=random_start, steps=0)
+    assert loss(model, a, y) - loss(model, start, y) > 0.01
+    assert abs(loss(model, start, y) - loss(model, x, y)) < 0.001
 
 
 def test_identical_for_other_settings(model: nn.Module) -> None:
@@ -79,7 +92,9 @@ def test_identical_on_train_mode_model_with_grads(model: nn.Module) -> None:
 @pytest.mark.parametrize("random_start", [True, False])
 def test_stays_in_ball_and_box(model: nn.Module, random_start: bool) -> None:
     x, y = batch(32, seed=5)
-    assert_in_ball(ours(model, x, y, random_start=random_start, steps=4, alpha=0.05), x)
+    adv = ours(model, x, y, random_start=random_start, steps=4, alpha=0.05)
+    assert_in_ball(adv, x)
+    assert loss(model, adv, y) - loss(model, ours(model, x, y, random_start=random_start, steps=0), y) > 0.01
 
 
 def test_zero_steps_is_the_random_start(model: nn.Module) -> None:
@@ -90,11 +105,12 @@ def test_zero_steps_is_the_random_start(model: nn.Module) -> None:
     assert not torch.equal(start, x)
 
 
-def test_restarts_at_least_as_strong(model: nn.Module) -> None:
+def test_restarts_strictly_stronger_and_keep_the_first_success(model: nn.Module) -> None:
     x, _ = batch(32, seed=6)
     with torch.no_grad():
         y = model(x).argmax(1)  # clean accuracy 100%: the attack has something to fool
-    weak = {"eps": 0.5 / 255, "alpha": 0.25 / 255, "steps": 2}
+    # A wide ball and short steps: where the attack lands depends on the random start, so restarts matter.
+    weak = {"eps": 32 / 255, "alpha": 1 / 255, "steps": 2}
 
     def acc(adv: torch.Tensor) -> float:
         with torch.no_grad():
@@ -103,8 +119,26 @@ def test_restarts_at_least_as_strong(model: nn.Module) -> None:
     one, three = ours(model, x, y, **weak), ours(model, x, y, restarts=3, **weak)
     assert_in_ball(three, x, weak["eps"])
     assert acc(three) <= acc(one)
+    assert acc(one) - acc(three) >= 4 / 32  # strictly (and clearly) stronger: 20 -> 14 of 32 survive
     fooled = model(one).argmax(1) != y
     assert torch.equal(three[fooled], one[fooled])  # the first restart's successes are kept
+
+    # The documented combination, by hand from single-restart runs: the RNG runs on from one restart
+    # to the next, each restart attacks only the images no earlier restart fooled, and an image keeps
+    # the first restart that fooled it (the last restart's image if none did).
+    torch.manual_seed(7)
+    single = PGD(**weak)
+    expected = single(model, x, y)
+    with torch.no_grad():
+        fooled = model(expected).argmax(1) != y
+    for _ in range(2):
+        todo = ~fooled
+        adv = single(model, x[todo], y[todo])
+        with torch.no_grad():
+            expected[todo] = adv
+            fooled[todo] = model(adv).argmax(1) != y[todo]
+    assert torch.equal(three, expected)
+    assert acc(expected) == 1 - fooled.float().mean().item()
 
 
 @pytest.mark.parametrize("context", ["inference_mode", "no_grad"])
@@ -144,6 +178,12 @@ def test_under_bf16_autocast(model: nn.Module) -> None:
             assert model(adv).dtype == torch.bfloat16  # the model really ran in bf16
     assert_in_ball(adv, x)
     assert not torch.equal(adv, x)
+    # bf16 gradients differ in sign here and there, but the attack does what the float32 one does:
+    # it raises the (float32) loss about as much, from the same random start.
+    start, fp32 = ours(model, x, y, steps=0), ours(model, x, y)
+    gain, gain32 = loss(model, adv, y) - loss(model, start, y), loss(model, fp32, y) - loss(model, start, y)
+    assert gain32 > 0.01 and gain >= 0.8 * gain32
+    assert (adv == fp32).float().mean() >= 0.5  # most pixels land on the same value as in float32
 
 
 def test_channels_last_model_and_input(model: nn.Module) -> None:
@@ -165,11 +205,20 @@ def test_compiled_network() -> None:
     model = build_model("resnet18", 10, 4).eval()
     x, y = batch(8)
     expected = ours(model, x, y, steps=3)
+    start = ours(model, x, y, steps=0)
+    eager = copy.deepcopy(model)  # scores the images without further compiles
     model.net.compile(backend="aot_eager")
     try:
         adv = ours(model, x, y, steps=3)
         assert_in_ball(adv, x)
         assert (adv - expected).abs().max() <= 2 * ALPHA * 3  # same attack up to sign flips of float noise
+        # The same attack, not merely some 3-step signed walk from the same start: (nearly) every pixel
+        # lands on the eager value (compiled kernels may flip the sign of a near-zero gradient), and the
+        # loss rises as far as the eager attack's, well above the random start's.
+        assert (adv == expected).float().mean() >= 0.99
+        gain = loss(eager, expected, y) - loss(eager, start, y)
+        assert gain > 0.003
+        assert loss(eager, adv, y) - loss(eager, start, y) >= gain - 1e-4
         model.train()
         ours(model, x, y, steps=1)  # train -> eval switch inside the attack recompiles, and works
     finally:

@@ -134,15 +134,23 @@ def test_kill_9_then_resume(cli) -> None:
     _kill_when(cmd, cli.env, cli.tmp, "base/*.work/last.ckpt", cli.cache)
     assert not list(cli.tmp.rglob("results.json")) and not list((cli.cache / "base").glob("*.pt"))
     proc = cli("+experiment=at", "at.epochs=3", "at.milestones=[3]")
-    assert "resuming from" in proc.stdout
+    # resumed, not retrained: the first epoch (finished before the kill) does not run again
+    assert "resuming from" in proc.stdout and "AdversarialTraining epoch 3/3:" in proc.stdout
+    assert "AdversarialTraining epoch 1/3:" not in proc.stdout
     (r,) = load_results(proc)
-    assert [h["epoch"] for h in r["base_training"]["history"]] == [1, 2, 3]
+    history = r["base_training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    # the base model is the epoch with the best validation robust accuracy (the first of equals)
+    best = max(history, key=lambda h: h["robust_acc"])
+    assert r["base_training"]["best_epoch"] == best["epoch"]
+    assert r["base_training"]["best_val_robust_acc"] == best["robust_acc"]
     # fine-tuning is resumable too
     ft = [*TINY, "method=full", "finetune.epochs=3", "finetune.milestones=[2]"]
     cmd = [sys.executable, "-m", "rift_bn.run", *ft, f"hydra.run.dir={cli.tmp / 'killed2'}"]
     _kill_when(cmd, cli.env, cli.tmp, "runs/*/last.ckpt", cli.cache)
     proc = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]")
-    assert "resuming from" in proc.stdout
+    assert "resuming from" in proc.stdout and "FineTuning epoch 3/3:" in proc.stdout
+    assert "FineTuning epoch 1/3:" not in proc.stdout
     (r,) = load_results(proc)
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
     # a finished job is skipped when rerun, and recomputed with force=true
@@ -151,6 +159,13 @@ def test_kill_9_then_resume(cli) -> None:
     assert json.loads(Path(again.stdout.split("results: ")[-1].strip()).read_text())["final"] == r["final"]
     forced = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]", "force=true")
     assert "complete already" not in forced.stdout and "resuming" not in forced.stdout
+    # a forced rerun that fails (here: its data moved away) keeps the finished result it would replace
+    (done,) = (cli.cache / "runs").glob(f"{load_results(forced)[0]['job_key']}/results.json")
+    finished = done.read_text()
+    args = ("method=full", "finetune.epochs=3", "finetune.milestones=[2]", "force=true")
+    failed = cli(*args, f"data.root={cli.tmp / 'moved'}", "data.download=false", check=False)
+    assert failed.returncode == 2 and done.read_text() == finished
+    assert "complete already" in cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]").stdout
 
 
 def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:

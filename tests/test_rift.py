@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import random
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from rift_bn.attacks import PGD
+from rift_bn.bench import mrc_model
 from rift_bn.callbacks import ModuleSelection
 from rift_bn.data import CIFARDataModule
 from rift_bn.interpolate import choose_alpha, interpolate_state
-from rift_bn.models import build_model, candidate_modules
+from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.modules import FineTuning, quiet_trainer
 from rift_bn.mrc import MRCProtocol, compute_mrc, mrc_reference, project_, select_lowest
 
@@ -31,26 +38,180 @@ def test_projection_respects_epsilon() -> None:
             assert cos.item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_projection_is_per_parameter_tensor() -> None:
+    """BN-like weight (large norm) and bias (small norm): each change is bounded by its own tensor's norm.
+    A joint projection over both tensors would leave the bias change (case 1) or shrink the weight change
+    (case 2); per tensor, the bias goes to its own ball's boundary and the weight is untouched."""
+    g = torch.Generator().manual_seed(1)
+    w0 = 1.0 + 0.1 * torch.randn(64, generator=g)  # ||w0|| ~ 8
+    b0 = 0.01 * torch.randn(64, generator=g)  # ||b0|| ~ 0.08
+    for bias_scale in (0.005, 1.0):  # bias change ~0.04 (case 1) or ~8 (case 2), both outside 0.1 ||b0||
+        w = w0 + 0.05 * torch.randn(64, generator=g) / 8  # ||dw|| ~ 0.05 < 0.1 ||w0||
+        b = b0 + bias_scale * torch.randn(64, generator=g)
+        w_before, b_before = w.clone(), b.clone()
+        joint_change = torch.cat([w - w0, b - b0]).norm()
+        joint_bound = 0.1 * torch.cat([w0, b0]).norm()
+        assert (w - w0).norm() < 0.1 * w0.norm() and (b - b0).norm() > 0.1 * b0.norm()
+        assert (joint_change <= joint_bound) == (bias_scale < 0.1)  # the two cases a joint ball tells apart
+        project_([w, b], [w0, b0], 0.1)
+        assert torch.equal(w, w_before)  # inside its own ball: bit-identical
+        assert (b - b0).norm().item() == pytest.approx(0.1 * b0.norm().item(), rel=1e-5)
+        cos = F.cosine_similarity(b - b0, b_before - b0, dim=0)
+        assert cos.item() == pytest.approx(1.0, abs=1e-6)
+        for p, p0 in ((w, w0), (b, b0)):
+            assert (p - p0).norm() <= 0.1 * p0.norm() * (1 + 1e-6)
+
+
+KINDS_ALL = ("conv", "linear", "bn")
+# bench --quick's MRC setting: a random ResNet-18 (width 4) with calibrated BN statistics, random BN
+# affines and a scaled classifier, on 32 random images. Its MRC values lie in 0.2..18 and several robust-
+# accuracy drops are non-zero, so a wrong epoch, a wrong drop or a wrong scale cannot hide in float noise.
+# (compute_mrc does not care how the set was made; on this net PGD leaves 0 % robust accuracy, no drop.)
+CRITICAL_PROTO = MRCProtocol(epochs=2, batch_size=16, eval_batch_size=24)
+
+
 @pytest.fixture(scope="module")
-def tiny_adv() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+def critical() -> tuple[nn.Module, Tensor, Tensor]:
     torch.manual_seed(0)
-    model = build_model("resnet18", 10, 4).eval()
-    x, y = torch.rand(48, 3, 32, 32), torch.randint(0, 10, (48,))
-    return model, PGD(steps=2)(model, x, y), y
+    model = mrc_model("resnet18", 4, 0)
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    return model, x, y
 
 
-def test_fast_mrc_equals_the_protocol_as_it_reads(tiny_adv) -> None:
-    model, x, y = tiny_adv
-    proto = MRCProtocol(epochs=2, batch_size=16, eval_batch_size=24)
+@pytest.fixture(scope="module")
+def critical_fast(critical: tuple[nn.Module, Tensor, Tensor]) -> dict:
+    model, x, y = critical
+    return compute_mrc(model, x, y, KINDS_ALL, CRITICAL_PROTO)
+
+
+def test_fast_mrc_equals_the_protocol_as_it_reads(
+    critical: tuple[nn.Module, Tensor, Tensor], critical_fast: dict
+) -> None:
+    model, x, y = critical
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    fast = compute_mrc(model, x, y, ("conv", "linear", "bn"), proto)
-    ref = mrc_reference(model, x, y, ("conv", "linear", "bn"), proto)
+    fast = critical_fast
+    ref = mrc_reference(model, x, y, KINDS_ALL, CRITICAL_PROTO)
     assert [r["name"] for r in fast["rows"]] == [r["name"] for r in ref["rows"]] and len(fast["rows"]) == 41
+    assert fast["base_loss"] == pytest.approx(ref["base_loss"], rel=1e-6)
+    assert fast["base_robust_acc"] == ref["base_robust_acc"] > 0  # a drop can be positive
     for a, b in zip(fast["rows"], ref["rows"], strict=True):
         assert a["mrc"] == pytest.approx(b["mrc"], rel=1e-4, abs=1e-6), a["name"]
         assert a["robust_acc_drop"] == pytest.approx(b["robust_acc_drop"], abs=1e-9)
+        assert a["epoch"] == b["epoch"], a["name"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is restored
-    assert all(r["mrc"] >= 0 for r in fast["rows"])  # ascent never ends below the start... (max over epochs)
+    # the values are substantial, so the comparison above can fail for a wrong protocol
+    assert min(r["mrc"] for r in fast["rows"]) > 1e-2
+    assert any(r["robust_acc_drop"] > 0 for r in fast["rows"])
+    epochs = {r["epoch"] for r in fast["rows"]}
+    assert epochs == {1, 2}  # some maxima are not at the last epoch: "last epoch" != "max over epochs"
+
+
+def test_mrc_runs_in_eval_mode_and_restores_a_train_mode_model(
+    critical: tuple[nn.Module, Tensor, Tensor], critical_fast: dict
+) -> None:
+    model, x, y = critical
+    trained = copy.deepcopy(model).train()
+    trained.net.layer1[0].bn1.eval()  # mixed modes: each module's own flag must come back
+    trained.net.linear.weight.requires_grad_(False)  # mixed flags too
+    modes = [m.training for m in trained.modules()]
+    flags = [p.requires_grad for p in trained.parameters()]
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    out = compute_mrc(trained, x, y, KINDS_ALL, CRITICAL_PROTO)
+    assert out == critical_fast  # same rows, base loss and accuracy as the eval-mode model, bit for bit
+    after = trained.state_dict()
+    assert after.keys() == before.keys() and any("running_mean" in k for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats untouched
+    assert all(int(before[k]) == int(after[k]) for k in before if k.endswith("num_batches_tracked"))
+    assert [m.training for m in trained.modules()] == modes
+    assert [p.requires_grad for p in trained.parameters()] == flags
+
+
+class _ConvBNFC(nn.Module):
+    """conv-bn-relu-linear on 3x4x4 images, with ``stages()`` as exact MRC needs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+    def stages(self) -> list[nn.Module]:
+        return [nn.Sequential(self.conv, self.bn, nn.ReLU(), nn.Flatten()), self.fc]
+
+
+def _oracle_mrc(
+    model: nn.Module, x: Tensor, y: Tensor, tensors: list[str], proto: MRCProtocol
+) -> tuple[tuple[float, float], list[tuple[float, float]], bool]:
+    """DESIGN step 5 by hand, functionally (no module is mutated): from the base weights, per batch one
+    plain SGD ascent step ``W += lr * grad(mean CE of the batch)`` on ``tensors`` only; after each epoch
+    each tensor's change is scaled into ||dW|| <= eps ||W||, then loss and accuracy over the whole set in
+    one pass. Returns (base loss, base acc), per-epoch (loss, acc) and whether a projection was active."""
+    net = copy.deepcopy(model).eval()
+    state = dict(net.state_dict())
+
+    def evaluate(w: dict[str, Tensor]) -> tuple[float, float]:
+        with torch.no_grad():
+            logits = functional_call(net, {**state, **w}, (x,))
+        return F.cross_entropy(logits, y).item(), 100.0 * (logits.argmax(1) == y).double().mean().item()
+
+    w0 = {k: state[k].detach().clone() for k in tensors}
+    w = dict(w0)
+    generator = torch.Generator().manual_seed(proto.seed)
+    trace, projected = [], False
+    for _ in range(proto.epochs):
+        order = torch.randperm(len(y), generator=generator) if proto.shuffle else torch.arange(len(y))
+        for idx in order.split(proto.batch_size):
+            leaves = {k: v.clone().requires_grad_(True) for k, v in w.items()}
+            loss = F.cross_entropy(functional_call(net, {**state, **leaves}, (x[idx],)), y[idx])
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            w = {k: (v + proto.lr * g).detach() for (k, v), g in zip(leaves.items(), grads, strict=True)}
+        for k in w:
+            change, bound = w[k] - w0[k], proto.epsilon * w0[k].norm()
+            if change.norm() > bound:
+                w[k], projected = w0[k] + change * (bound / change.norm()), True
+        trace.append(evaluate(w))
+    return evaluate({}), trace, projected
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_exact_mrc_equals_a_hand_written_float64_oracle(shuffle: bool) -> None:
+    torch.manual_seed(0)
+    model = NormalizedModel(_ConvBNFC()).double()
+    with torch.no_grad():
+        model.net.bn.weight.uniform_(0.5, 1.5)
+        model.net.bn.bias.normal_(0, 0.3)
+        model.net.bn.running_mean.normal_(0, 0.2)
+        model.net.bn.running_var.uniform_(0.5, 2.0)
+        model.net.fc.weight.mul_(3.0)
+    model.eval()
+    x = torch.rand(10, 3, 4, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[:3] = (y[:3] + 1) % 5  # base accuracy 70 %: room for drops
+    # batches of 6 + 4 (mean CE per batch, not per example), evaluation in chunks of 4 + 4 + 2
+    proto = MRCProtocol(
+        epsilon=0.1, epochs=3, lr=1.0, batch_size=6, shuffle=shuffle, seed=3, eval_batch_size=4
+    )
+    out = compute_mrc(model, x, y, KINDS_ALL, proto)
+    tensors = {"conv": ["net.conv.weight"], "bn": ["net.bn.weight", "net.bn.bias"], "fc": ["net.fc.weight"]}
+    assert [r["name"] for r in out["rows"]] == list(tensors)
+    discriminating, any_drop, any_projection = False, False, False
+    for row in out["rows"]:
+        (base_loss, base_acc), trace, projected = _oracle_mrc(model, x, y, tensors[row["name"]], proto)
+        best = max(range(proto.epochs), key=lambda e: (trace[e][0], -e))  # first maximum
+        assert out["base_loss"] == pytest.approx(base_loss, rel=1e-12)
+        assert out["base_robust_acc"] == pytest.approx(base_acc, abs=1e-9)
+        assert row["mrc"] == pytest.approx(trace[best][0] - base_loss, abs=1e-12), row["name"]
+        assert row["robust_acc_drop"] == pytest.approx(base_acc - trace[best][1], abs=1e-9), row["name"]
+        assert row["epoch"] == best + 1
+        discriminating |= best < proto.epochs - 1 and trace[best][1] != trace[-1][1]
+        any_drop |= row["robust_acc_drop"] > 0
+        any_projection |= projected
+    # the setting tells "max over epochs" from "last epoch", and "drop at the best epoch" from "at the last"
+    assert discriminating and any_drop and any_projection
 
 
 def test_select_lowest_and_bad_k() -> None:
@@ -144,3 +305,60 @@ def test_choose_alpha_rule() -> None:
     assert choose_alpha(curve, 30.0, 0.0)["alpha"] == 0.0
     assert choose_alpha(curve, 30.0, 0.1)["alpha"] == 0.5
     assert choose_alpha(curve, 30.0, 5.0)["alpha"] == 1.0
+
+
+def test_interpolation_is_the_two_product_formula_and_integers_take_the_nearer_end() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "w": torch.randn(5, 3, generator=g),
+        "running_var": torch.rand(7, generator=g, dtype=torch.float64) + 0.5,
+        "num_batches_tracked": torch.tensor(3),
+    }
+    tuned = {
+        "w": torch.randn(5, 3, generator=g),
+        "running_var": torch.rand(7, generator=g, dtype=torch.float64) + 0.5,
+        "num_batches_tracked": torch.tensor(10),
+    }
+    for alpha in (0.0, 0.1, 0.3, 0.49, 0.5, 0.7, 1.0):
+        out = interpolate_state(base, tuned, alpha)
+        assert out.keys() == base.keys()
+        for key in ("w", "running_var"):
+            assert out[key].dtype == base[key].dtype
+            assert torch.equal(out[key], (1 - alpha) * base[key] + alpha * tuned[key]), (key, alpha)
+        n = out["num_batches_tracked"]
+        assert n.dtype == torch.int64 and int(n) == (10 if alpha >= 0.5 else 3), alpha  # a tie goes to tuned
+        assert n.data_ptr() not in (
+            base["num_batches_tracked"].data_ptr(),
+            tuned["num_batches_tracked"].data_ptr(),
+        )
+    for alpha, end in ((0.0, base), (1.0, tuned)):  # the end points themselves, bit for bit
+        out = interpolate_state(base, tuned, alpha)
+        for key in base:
+            assert torch.equal(out[key], end[key]) and out[key].dtype == end[key].dtype, (key, alpha)
+            assert (
+                out[key].reshape(-1).view(torch.uint8).tolist()
+                == end[key].reshape(-1).view(torch.uint8).tolist()
+            )
+
+
+def test_choose_alpha_fallback_and_tie_breaks() -> None:
+    def point(alpha: float, clean: float, robust: float) -> dict[str, float]:
+        return {"alpha": alpha, "clean_acc": clean, "robust_acc": robust}
+
+    # no point within tolerance: the smallest alpha (the AT end), even if another point is more robust
+    curve = [point(0.2, 51.0, 27.0), point(0.6, 55.0, 29.0), point(1.0, 58.0, 25.0)]
+    for order in (curve, curve[::-1]):
+        assert choose_alpha(order, 30.0, 0.5) == curve[0]
+    # ties in clean accuracy: the more robust point; then the smaller alpha; the order of the curve is moot
+    curve = [
+        point(0.0, 50.0, 30.0),
+        point(0.3, 54.0, 29.5),
+        point(0.5, 54.0, 29.8),
+        point(0.7, 54.0, 29.8),
+        point(0.9, 55.0, 28.0),  # best clean, outside tolerance
+    ]
+    for seed in range(5):
+        shuffled = curve[:]
+        random.Random(seed).shuffle(shuffled)
+        assert choose_alpha(shuffled, 30.0, 1.0) == point(0.5, 54.0, 29.8)
+    assert choose_alpha(curve, 30.0, 2.0)["alpha"] == 0.9

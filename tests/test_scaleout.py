@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from rift_bn import cache
-from tests.conftest import load_results
+from tests.conftest import load_results, moved_tensors, of_selected
 
 pytestmark = pytest.mark.slow
 
@@ -72,10 +72,12 @@ def _same_choices(runs: list[dict]) -> dict:
 
 
 def test_ddp_two_processes_match_single_process(cli) -> None:
-    single = load_results(cli("method=rift_bn", "k=1,2", multirun=True))
+    # alpha* forced to 1, so the final model is the fine-tuned one and its frozen tensors can be checked
+    single = load_results(cli("method=rift_bn", "k=1,2", "interpolation.alphas=[1.0]", multirun=True))
     ddp = cli(
         "method=rift_bn",
         "k=1,2",
+        "interpolation.alphas=[1.0]",
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -89,6 +91,10 @@ def test_ddp_two_processes_match_single_process(cli) -> None:
     assert {r["k"]: [s["name"] for s in r["selected"]] for r in runs} == one
     assert all(r["mrc_source"] == "cache" for r in runs)  # computed once, by the single-process sweep
     assert all(r["history"][-1]["epoch"] == 1 for r in runs)
+    for r in runs:  # both ranks fine-tuned the selected modules only: the rest is bit-for-bit the base
+        moved = moved_tensors(r)
+        assert r["alpha"] == 1.0 and moved and of_selected(r, moved)
+        assert {k.rsplit(".", 1)[0] for k in moved} >= {s["name"] for s in r["selected"]}
 
 
 def test_parallel_launcher_matches_serial_sweep(tmp_path, cifar_root) -> None:

@@ -1,0 +1,132 @@
+"""The composed configuration: DESIGN's protocol numbers at paper scale, and what keys each cache."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from rift_bn.config import pixels, validate
+from rift_bn.mrc import MRCProtocol
+from rift_bn.pipeline import Run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def composed(*overrides: str) -> DictConfig:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_paper_scale_defaults_are_the_protocol() -> None:
+    cfg = composed()
+    validate(cfg)
+    assert cfg.data.name == "cifar10" and cfg.data.val_size == 1000 and cfg.data.train_subset is None
+    assert cfg.model.name == "resnet18" and cfg.model.width == 64
+    assert cfg.method.name == "rift_bn" and list(cfg.method.kinds) == ["conv", "linear", "bn"]
+    # evaluation / MRC / validation attack: PGD-10, eps 8/255, step 2/255, random start
+    a = cfg.attack
+    assert (pixels(a.eps, "eps"), pixels(a.alpha, "alpha")) == (8 / 255, 2 / 255)
+    assert a.steps == 10 and a.random_start and a.restarts == 1
+    # adversarial training: PGD-10 AT, SGD 0.9 / 5e-4, batch 128, lr 0.1 for 110 epochs, x0.1 at 100, 105
+    at = cfg.at
+    assert (at.epochs, at.lr, at.momentum, at.weight_decay, at.batch_size) == (110, 0.1, 0.9, 5e-4, 128)
+    assert list(at.milestones) == [100, 105] and at.gamma == 0.1
+    assert (pixels(at.attack.eps, "eps"), pixels(at.attack.alpha, "alpha")) == (8 / 255, 2 / 255)
+    assert at.attack.steps == 10 and at.attack.random_start
+    # MRC: plain SGD ascent, lr 1, batches of 512, 10 epochs, ||dW|| <= 0.1 ||W||, the exact protocol
+    m = cfg.mrc
+    assert m.estimator == "exact" and m.num_examples is None and not m.shuffle
+    assert (m.epsilon, m.epochs, m.lr, m.batch_size) == (0.1, 10, 1.0, 512)
+    proto = MRCProtocol()
+    assert (proto.epsilon, proto.epochs, proto.lr, proto.batch_size, proto.shuffle) == (
+        m.epsilon,
+        m.epochs,
+        m.lr,
+        m.batch_size,
+        m.shuffle,
+    )
+    # fine-tuning: SGD 0.9 / 5e-4, lr 1e-3, 10 epochs, x0.1 half-way, selected BN layers adapt their stats
+    f = cfg.finetune
+    assert (f.epochs, f.lr, f.momentum, f.weight_decay, f.gamma) == (10, 1e-3, 0.9, 5e-4, 0.1)
+    assert f.milestones is None and f.bn_stats == "selected"  # null = [epochs // 2]
+    # interpolation: a in {0, 0.1, ..., 1}, no robust accuracy given up
+    assert [round(10 * a) for a in cfg.interpolation.alphas] == list(range(11))
+    assert cfg.interpolation.tolerance == 0.0
+
+
+@pytest.mark.parametrize(
+    "method, kinds", [("rift", ["conv", "linear"]), ("rift_bn", ["conv", "linear", "bn"])]
+)
+def test_methods_name_their_candidates(method: str, kinds: list[str]) -> None:
+    cfg = composed(f"method={method}")
+    assert cfg.method.selection == "mrc" and list(cfg.method.kinds) == kinds
+
+
+@functools.cache
+def _run(*overrides: str) -> Run:
+    """A job's Run, enough to name its cache files (no data is read)."""
+    return Run(composed("scale=cpu", *overrides), Path("out"), torch.device("cpu"), None, Path("cache"))
+
+
+H = "0123456789abcdef" * 4  # a base checkpoint's content hash
+
+# what must give a new cache entry, and what must reuse it (the sweep's shared base / MRC / adversarial set)
+BASE_KEY = (
+    ["seed=1", "data=cifar100", "data.val_size=400", "data.train_subset=100", "model=preact_resnet18"]
+    + ["model.width=8", "at.epochs=3", "at.lr=0.05", "at.milestones=[1]", "at.attack.steps=2"]
+    + ["attack.eps=4/255", "attack.steps=5", "trainer.precision=bf16-mixed"]
+)
+NOT_BASE_KEY = ["k=3", "method=rift", "finetune.lr=0.01", "mrc.epochs=3", "interpolation.tolerance=1"]
+NOT_BASE_KEY += ["logger=csv", "model.compile=true", "model.channels_last=true", "eval.batch_size=100"]
+MRC_KEY = ["mrc.epsilon=0.2", "mrc.epochs=3", "mrc.lr=0.5", "mrc.batch_size=100", "mrc.shuffle=true"]
+MRC_KEY += ["mrc.num_examples=100", "mrc.estimator=linear", "seed=1", "data.val_size=400", "attack.steps=5"]
+NOT_MRC_KEY = ["k=3", "method=rift", "finetune.lr=0.01", "at.epochs=3", "eval.batch_size=100", "logger=csv"]
+NOT_MRC_KEY += ["interpolation.tolerance=1", "mrc.linear_step=true"]  # linear_step: the linear table only
+ADV_KEY = ["attack.eps=4/255", "attack.alpha=1/255", "attack.steps=5", "seed=1", "data.val_size=400"]
+NOT_ADV_KEY = ["mrc.epochs=3", "mrc.estimator=linear", "k=3", "method=rift", "eval.batch_size=100"]
+
+
+@pytest.mark.parametrize("override", BASE_KEY + NOT_BASE_KEY)
+def test_base_model_cache_key(override: str) -> None:
+    changed = _run(override).base_checkpoint()[0] != _run().base_checkpoint()[0]
+    assert changed == (override in BASE_KEY)
+
+
+@pytest.mark.parametrize("override", MRC_KEY + NOT_MRC_KEY)
+def test_mrc_table_cache_key(override: str) -> None:
+    assert (_run(override).mrc_path(H) != _run().mrc_path(H)) == (override in MRC_KEY)
+    assert _run(override).mrc_path(H[::-1]) != _run(override).mrc_path(H)  # another base, another table
+
+
+def test_linear_step_keys_only_the_linear_table() -> None:
+    lin = _run("mrc.estimator=linear").mrc_path(H)
+    assert _run("mrc.estimator=linear", "mrc.linear_step=true").mrc_path(H) != lin
+    assert lin.name.split("-")[1] == "linear" and _run().mrc_path(H).name.split("-")[1] == "exact"
+
+
+@pytest.mark.parametrize("override", ADV_KEY + NOT_ADV_KEY)
+def test_adversarial_set_cache_key(override: str) -> None:
+    changed = _run(override).adversarial_set_path(H, 500) != _run().adversarial_set_path(H, 500)
+    assert changed == (override in ADV_KEY)
+    assert _run(override).adversarial_set_path(H, 100) != _run(override).adversarial_set_path(H, 500)
+
+
+EVAL_KEY = ["trainer.precision=bf16-mixed", "attack.steps=5", "attack.eps=4/255", "seed=1", "data=cifar100"]
+NOT_EVAL_KEY = ["k=3", "method=rift", "mrc.epochs=3", "finetune.lr=0.01", "eval.batch_size=100", "logger=csv"]
+
+
+@pytest.mark.parametrize("override", EVAL_KEY + NOT_EVAL_KEY)
+def test_base_evaluation_cache_key(override: str) -> None:
+    """The base model's cached evaluations: a bf16 job does not reuse the float32 numbers."""
+    for split in ("val", "test"):
+        changed = _run(override).eval_path(H, split) != _run().eval_path(H, split)
+        assert changed == (override in EVAL_KEY), split
+    assert _run("data.val_size=400").eval_path(H, "val") != _run().eval_path(H, "val")
+    assert _run("data.val_size=400").eval_path(H, "test") == _run().eval_path(H, "test")
+    assert _run("data.test_subset=50").eval_path(H, "test") != _run().eval_path(H, "test")
+    assert _run("eval.autoattack=true").eval_path(H, "test") != _run().eval_path(H, "test")

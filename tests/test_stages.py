@@ -1,0 +1,45 @@
+"""Pipeline stages on their own (no subprocess): the MRC stage's adversarial set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rift_bn.data import CIFARDataModule, to_float
+from rift_bn.models import build_model
+from rift_bn.pipeline import Run
+from tests.test_config import composed
+from tests.test_data import _write_fake_cifar10
+
+
+def test_adversarial_set_is_pgd_of_the_selection_split_in_eval_mode_and_cached(tmp_path: Path) -> None:
+    """DESIGN step 5: PGD-10 examples of the first ``mrc.num_examples`` selection-split images, made on the
+    base model in eval mode (its BN statistics untouched), once per base and split."""
+    _write_fake_cifar10(tmp_path / "data")
+    cfg = composed("scale=smoke", f"data.root={tmp_path / 'data'}", "data.val_size=40", "mrc.num_examples=24")
+    d = cfg.data
+    dm = CIFARDataModule(d.name, d.root, d.val_size, d.train_subset, d.test_subset, seed=0, download=False)
+    dm.setup()
+    run = Run(cfg, tmp_path / "out", torch.device("cpu"), dm, tmp_path / "cache")
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 4).train()  # as the pipeline hands it over: a fresh model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    x_adv, y = run.adversarial_set(model, "ab" * 32)
+    x = to_float(dm.val_x[:24])
+    assert torch.equal(y, dm.val_y[:24]) and x_adv.shape == x.shape
+    assert (x_adv - x).abs().max() <= 8 / 255 + 1e-6 and not torch.equal(x_adv, x)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # eval mode throughout
+    assert model.training  # and handed back as it came
+    model.eval()
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+    (path,) = (tmp_path / "cache" / "adv").glob("*.pt")
+    assert path == run.adversarial_set_path("ab" * 32, 24)
+    stamp = path.stat().st_mtime_ns
+    again, y2 = run.adversarial_set(model, "ab" * 32)  # a second job of the sweep: read, not recomputed
+    assert torch.equal(again, x_adv) and torch.equal(y2, y) and path.stat().st_mtime_ns == stamp
