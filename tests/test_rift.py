@@ -19,6 +19,7 @@ from rift_bn.interpolate import choose_alpha, interpolate_state
 from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.modules import FineTuning, quiet_trainer
 from rift_bn.mrc import MRCProtocol, compute_mrc, mrc_reference, project_, select_lowest
+from tests.test_mrc_linear import TinyConvBN
 
 
 def test_projection_respects_epsilon() -> None:
@@ -126,17 +127,8 @@ def test_mrc_runs_in_eval_mode_and_restores_a_train_mode_model(
     assert [p.requires_grad for p in trained.parameters()] == flags
 
 
-class _ConvBNFC(nn.Module):
+class _ConvBNFC(TinyConvBN):
     """conv-bn-relu-linear on 3x4x4 images, with ``stages()`` as exact MRC needs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 4 * 4, 5)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
 
     def stages(self) -> list[nn.Module]:
         return [nn.Sequential(self.conv, self.bn, nn.ReLU(), nn.Flatten()), self.fc]
