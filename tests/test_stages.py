@@ -1,4 +1,4 @@
-"""Pipeline stages on their own (no subprocess): the MRC stage's adversarial set."""
+"""Pipeline stages on their own (no subprocess): what each training stage learns from; the MRC set."""
 
 from __future__ import annotations
 
@@ -43,3 +43,53 @@ def test_adversarial_set_is_pgd_of_the_selection_split_in_eval_mode_and_cached(t
     stamp = path.stat().st_mtime_ns
     again, y2 = run.adversarial_set(model, "ab" * 32)  # a second job of the sweep: read, not recomputed
     assert torch.equal(again, x_adv) and torch.equal(y2, y) and path.stat().st_mtime_ns == stamp
+
+
+def _recorded_step(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Replace the module's loss step by a recorder of the images it is given."""
+    seen: list[torch.Tensor] = []
+    module.cross_entropy_step = lambda x, y, *rest: seen.append(x.detach().clone())  # type: ignore[method-assign]
+    return seen
+
+
+def test_adversarial_training_learns_from_pgd_examples_made_in_eval_mode() -> None:
+    """DESIGN step 3: the AT loss is on PGD examples of the batch, generated with the model in eval mode
+    (BN statistics untouched by the attack); the model is back in train mode for the update."""
+    from rift_bn.attacks import PGD
+    from rift_bn.modules import AdversarialTraining
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10, 4).train()
+    module = AdversarialTraining(model, PGD(8 / 255, 2 / 255, 3), PGD(8 / 255, 2 / 255, 1), 10)
+    modes: list[bool] = []
+    hook = model.net.bn1.register_forward_hook(lambda m, i, o: modes.append(m.training))
+    seen = _recorded_step(module)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    stats = model.net.bn1.running_mean.clone()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        module.training_step((x, y), 0)
+    hook.remove()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        expected = PGD(8 / 255, 2 / 255, 3)(model, x, y)
+    (adv,) = seen
+    assert torch.equal(adv, expected) and 0 < (adv - x).abs().max() <= 8 / 255 + 1e-6
+    assert modes and not any(modes)  # every forward of the attack ran in eval mode
+    assert torch.equal(model.net.bn1.running_mean, stats) and model.training
+
+
+def test_fine_tuning_learns_from_the_clean_batch() -> None:
+    """DESIGN step 6: fine-tuning is on clean training data (the validation attack is not used)."""
+    from rift_bn.modules import FineTuning
+
+    class Refuse:
+        def __call__(self, *args: object) -> None:
+            raise AssertionError("fine-tuning must not attack its training batch")
+
+    module = FineTuning(build_model("resnet18", 10, 4), Refuse(), 10)  # type: ignore[arg-type]
+    seen = _recorded_step(module)
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    module.training_step((x, y), 0)
+    (clean,) = seen
+    assert torch.equal(clean, x)
