@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from rift_bn.interpolate import choose_alpha, interpolate_state
 from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.modules import FineTuning, quiet_trainer
 from rift_bn.mrc import MRCProtocol, compute_mrc, mrc_reference, project_, select_lowest
+from tests.test_data import _write_fake_cifar10
 from tests.test_mrc_linear import TinyConvBN
 
 
@@ -220,10 +222,18 @@ def test_select_lowest_and_bad_k() -> None:
         select_lowest(rows, ("conv", "linear"), 4)
 
 
-def _finetune(cifar_root, bn_stats: str, selected: list[str]) -> tuple[dict, dict]:
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CIFAR-10 layout written here (freezing does not need real images; no skip without them)."""
+    root = tmp_path_factory.mktemp("fake_cifar")
+    _write_fake_cifar10(root, n_train=300, n_test=20)
+    return root
+
+
+def _finetune(root: Path, bn_stats: str, selected: list[str]) -> tuple[dict, dict]:
     dm = CIFARDataModule(
         "cifar10",
-        cifar_root,
+        root,
         val_size=32,
         train_subset=256,
         test_subset=10,
@@ -251,8 +261,8 @@ SELECTED = ["layer2.0.conv1", "layer1.1.bn2", "layer3.0.shortcut.1"]
 SELECTED_BN = ("layer1.1.bn2", "layer3.0.shortcut.1")
 
 
-def test_frozen_parameters_and_bn_statistics(cifar_root) -> None:
-    before, after = _finetune(cifar_root, "selected", SELECTED)
+def test_frozen_parameters_and_bn_statistics(fake_cifar: Path) -> None:
+    before, after = _finetune(fake_cifar, "selected", SELECTED)
     for key in before:
         module = key.rsplit(".", 1)[0].removeprefix("net.")
         if module in SELECTED:
@@ -264,11 +274,11 @@ def test_frozen_parameters_and_bn_statistics(cifar_root) -> None:
         assert after[f"net.{bn}.num_batches_tracked"] > before[f"net.{bn}.num_batches_tracked"]
 
 
-def test_bn_stats_all_and_none(cifar_root) -> None:
-    before, after = _finetune(cifar_root, "all", SELECTED)
+def test_bn_stats_all_and_none(fake_cifar: Path) -> None:
+    before, after = _finetune(fake_cifar, "all", SELECTED)
     assert not torch.equal(before["net.layer4.1.bn2.running_mean"], after["net.layer4.1.bn2.running_mean"])
     assert torch.equal(before["net.layer4.1.bn2.weight"], after["net.layer4.1.bn2.weight"])  # still frozen
-    before, after = _finetune(cifar_root, "none", SELECTED)
+    before, after = _finetune(fake_cifar, "none", SELECTED)
     assert all(torch.equal(before[k], after[k]) for k in before if "running" in k or "num_batches" in k)
     assert not torch.equal(before["net.layer1.1.bn2.weight"], after["net.layer1.1.bn2.weight"])
 
