@@ -35,6 +35,10 @@ BOOLEANS = (
     "trainer.progress_bar",
 )
 _ABSENT = object()
+# model.width of the CPU-scale profiles (scale=cpu, smoke): a narrow network of each architecture.
+# ResNets count first-stage channels (64 standard), WideResNet its widen factor (10 standard).
+SMALL_WIDTH = {"resnet18": 16, "preact_resnet18": 16, "wrn34_10": 1}
+OmegaConf.register_new_resolver("small_width", lambda name: SMALL_WIDTH.get(name, 16), replace=True)
 
 
 class ConfigError(ValueError):
@@ -150,6 +154,17 @@ def _validate_trainer(cfg: DictConfig) -> None:
         )
     _whole(_get(cfg, "trainer.num_nodes"), "trainer.num_nodes", 1)
     _whole(_get(cfg, "trainer.log_every_n_steps"), "trainer.log_every_n_steps", 1)
+    devices = _get(cfg, "trainer.devices")
+    count = len(devices) if isinstance(devices, ListConfig | list) else devices if _is_whole(devices) else 0
+    if "ddp" in str(_get(cfg, "trainer.strategy", "auto")) and count >= 1:  # type: ignore[operator]
+        world = count * _get(cfg, "trainer.num_nodes")  # a training batch is split among the processes
+        for key in ("at.batch_size", "finetune.batch_size"):
+            size = _get(cfg, key)
+            if _is_whole(size) and size % world:
+                raise ConfigError(
+                    f"{key}={size}: a step's batch is split among trainer.devices x trainer.num_nodes = "
+                    f"{world} processes; choose a multiple of {world}"
+                )
 
 
 def _validate_logger(cfg: DictConfig) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numbers
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
 
 
 def run_group(cfg: DictConfig, output_dir: Path) -> str:
@@ -26,11 +29,46 @@ def run_group(cfg: DictConfig, output_dir: Path) -> str:
 
 
 def run_tags(cfg: DictConfig, job_type: str) -> list[str]:
-    """data, model, seed and stage tags; method and k for fine-tuning runs."""
+    """data, model, seed and stage tags; method and k (``k:all`` for layer-type methods) for fine-tuning."""
     tags = [f"data:{cfg.data.name}", f"model:{cfg.model.name}", f"seed:{cfg.seed}", f"stage:{job_type}"]
     if job_type == "finetune":
         tags += [f"method:{cfg.method.name}", f"k:{cfg.k}" if cfg.method.selection == "mrc" else "k:all"]
     return tags + [str(t) for t in cfg.logger.get("tags") or []]
+
+
+def run_name(cfg: DictConfig, job_type: str) -> str:
+    """``<stage>-<data>-s<seed>``; fine-tuning adds ``-<method>-k<k>``, or ``-<method>-all`` for the
+    layer-type methods (which ignore ``k``), matching the run's ``k:`` tag."""
+    if job_type == "finetune":
+        k = f"k{cfg.k}" if cfg.method.selection == "mrc" else "all"
+        return f"{job_type}-{cfg.data.name}-{cfg.method.name}-{k}-s{cfg.seed}"
+    return f"{job_type}-{cfg.data.name}-s{cfg.seed}"
+
+
+class _LastStep:
+    """Remembers the last step metrics went out at, so the summary row lands at the end of the curves."""
+
+    last_step: int | None = None
+
+    def note_step(self, step: int | None) -> None:
+        if step is not None:
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+
+
+class SummaryCSVLogger(_LastStep, CSVLogger):
+    """``metrics.csv``: per-epoch rows, then one row with the run's scalar summary (:func:`log_summary`)."""
+
+    def log_metrics(self, metrics: dict[str, Tensor | float], step: int | None = None) -> None:
+        self.note_step(step)
+        super().log_metrics(metrics, step)
+
+
+class SummaryTensorBoardLogger(_LastStep, TensorBoardLogger):
+    """Per-epoch scalars, then the run's scalar summary at the last step (:func:`log_summary`)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.note_step(step)
+        super().log_metrics(metrics, step)
 
 
 def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | None:
@@ -39,16 +77,15 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
     if name == "none":
         return None
     if name == "csv":
-        return CSVLogger(save_dir=str(output_dir), name=f"csv-{job_type}")
+        return SummaryCSVLogger(save_dir=str(output_dir), name=f"csv-{job_type}")
     if name == "tensorboard":
-        return TensorBoardLogger(save_dir=str(output_dir), name=f"tb-{job_type}")
+        return SummaryTensorBoardLogger(save_dir=str(output_dir), name=f"tb-{job_type}")
     mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-    method = f"-{cfg.method.name}-k{cfg.k}" if cfg.stage == "finetune" and job_type != "at" else ""
     return WandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.get("entity"),
         save_dir=str(output_dir),
-        name=f"{job_type}-{cfg.data.name}{method}-s{cfg.seed}",
+        name=run_name(cfg, job_type),
         group=run_group(cfg, output_dir),
         job_type=job_type,
         tags=run_tags(cfg, job_type),
@@ -59,22 +96,52 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
     )
 
 
+def _numbers(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
+    return {
+        f"{prefix}/{k}": v
+        for k, v in (values or {}).items()
+        if isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }
+
+
+def summary_scalars(results: dict[str, Any]) -> dict[str, float | int | None]:
+    """The run's scalar summary: ``test/*`` (the final model), ``base/*``, ``delta/*``, ``alpha``, ``k``,
+    ``n_selected`` and ``timings/<stage>`` (seconds). ``alpha`` and ``k`` are None where not used."""
+    out: dict[str, float | int | None] = {
+        **_numbers("test", results["final"]),
+        **_numbers("base", results["base"]),
+        **_numbers("delta", results.get("delta")),
+        "alpha": results.get("alpha"),
+        "k": results.get("k"),
+        "n_selected": len(results.get("selected") or []),
+    }
+    return out | _numbers("timings", results.get("timings"))
+
+
 def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
-    """Final numbers into the W&B summary, MRC table and interpolation curve as W&B Tables."""
+    """The run's final numbers (:func:`summary_scalars`) into its logger.
+
+    W&B: the run summary, plus ``selected`` and ``mrc_source``, and the MRC table and interpolation curve as
+    W&B Tables. CSV / TensorBoard: one more metrics row / set of scalars at the run's last step (None
+    values left out).
+    """
+    if logger is None:
+        return
+    summary = summary_scalars(results)
     if not isinstance(logger, WandbLogger):
+        step = logger.last_step if isinstance(logger, _LastStep) else None
+        logger.log_metrics({k: v for k, v in summary.items() if v is not None}, step=step or 0)
         return
     import wandb
 
     run = logger.experiment
-    summary = {f"test/{k}": v for k, v in results["final"].items() if k != "checkpoint"}
-    summary |= {f"base/{k}": v for k, v in results["base"].items() if k != "checkpoint"}
-    summary |= {f"delta/{k}": v for k, v in (results.get("delta") or {}).items()}
-    summary |= {
-        "alpha": results.get("alpha"),
-        "selected": [s["name"] for s in results.get("selected", [])],
-        "mrc_source": results.get("mrc_source"),
-    }
-    run.summary.update(summary)
+    run.summary.update(
+        summary
+        | {
+            "selected": [s["name"] for s in results.get("selected", [])],
+            "mrc_source": results.get("mrc_source"),
+        }
+    )
     if results.get("mrc"):
         cols = ["name", "type", "mrc", "robust_acc_drop", "selected"]
         chosen = {s["name"] for s in results.get("selected", [])}

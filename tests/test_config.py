@@ -130,3 +130,13 @@ def test_base_evaluation_cache_key(override: str) -> None:
     assert _run("data.val_size=400").eval_path(H, "test") == _run().eval_path(H, "test")
     assert _run("data.test_subset=50").eval_path(H, "test") != _run().eval_path(H, "test")
     assert _run("eval.autoattack=true").eval_path(H, "test") != _run().eval_path(H, "test")
+
+
+@pytest.mark.parametrize("scale", ["cpu", "smoke"])
+@pytest.mark.parametrize("model, width", [("resnet18", 16), ("preact_resnet18", 16), ("wrn34_10", 1)])
+def test_small_scales_make_each_architecture_narrow(scale: str, model: str, width: int) -> None:
+    """WideResNet's width is its widen factor: the CPU profiles must not turn WRN-34-10 into WRN-34-16."""
+    cfg = composed(f"scale={scale}", f"model={model}")
+    validate(cfg)
+    assert cfg.model.width == width
+    assert composed(f"scale={scale}", f"model={model}", "model.width=2").model.width == 2

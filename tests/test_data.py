@@ -321,6 +321,20 @@ def test_tensor_loader_sharding(shuffle: bool) -> None:
         TensorLoader(x, y, 8, rank=1)
 
 
+def test_global_batch_is_split_among_ranks() -> None:
+    """DDP keeps the recipe's batch: at every step the W ranks together hold the single-process batch."""
+    y, x = torch.arange(96), torch.zeros(96, 1, dtype=torch.uint8)
+    single = [sorted(int(i) for i in b) for _, b in TensorLoader(x, y, 16, True, seed=2, global_batch=True)]
+    ranks = [
+        list(TensorLoader(x, y, 16, True, seed=2, rank=r, world_size=4, global_batch=True)) for r in range(4)
+    ]
+    assert [len(r) for r in ranks] == [6] * 4 and all(len(b) == 4 for r in ranks for _, b in r)
+    steps = [sorted(int(i) for r in ranks for i in r[step][1]) for step in range(6)]
+    assert steps == single
+    with pytest.raises(DataError, match=r"^batch_size=16: does not split evenly among 3 processes"):
+        len(TensorLoader(x, y, 16, rank=0, world_size=3, global_batch=True))
+
+
 # --------------------------------------------------------------------------- (g) test-split accounting
 
 

@@ -50,8 +50,21 @@ def test_wandb_offline_run_holds_what_dashboards_need(cli) -> None:
     assert summary["delta/clean_acc"] == pytest.approx(r["delta"]["clean_acc"])
     assert summary["alpha"] == r["alpha"]
     assert summary["selected"] == [s["name"] for s in r["selected"]]
+    assert summary["k"] == r["k"] == 2 and summary["n_selected"] == len(r["selected"])
+    assert {"finetune", "interpolation", "test_eval"} <= r["timings"].keys()
+    for stage, seconds in r["timings"].items():  # every stage's seconds, as in results.json
+        assert summary[f"timings/{stage}"] == pytest.approx(seconds), stage
     for key in ("val/clean_acc", "val/robust_acc", "train/loss", "mrc_table", "interpolation"):
         assert key in ft["text"], key
+    # one epoch numbering (1-based, as results.json's history): train and val rows of an epoch agree,
+    # and the summary's epoch is the number of epochs run
+    epochs = r["config"]["finetune"]["epochs"]
+    rows = [rec["history"]["item"] for rec in ft["records"] if rec.get("type") == "history"]
+    expected = [float(e) for e in range(1, epochs + 1)]
+    assert [float(h["epoch"]) for h in rows if "val/clean_acc" in h] == expected
+    assert [float(h["epoch"]) for h in rows if "train/loss" in h] == expected
+    assert r["history"][-1]["epoch"] == summary["epoch"] == epochs
+    assert ft["info"]["name"] == "finetune-cifar10-rift_bn-k2-s0" and at["info"]["name"] == "at-cifar10-s0"
     for run, job_type in ((at, "at"), (ft, "finetune")):  # typed by stage, grouped by the run/sweep folder
         assert f'"job_type": "{job_type}"' in run["text"]
         assert f'"run_group": "run-{proc.out_dir.parent.name}-{proc.out_dir.name}"' in run["text"]

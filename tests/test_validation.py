@@ -291,3 +291,18 @@ def test_validate_never_crashes(value: object) -> None:
             validate(with_value(key, value))
         except ConfigError as e:
             assert "\n" not in str(e) and key.split(".")[0] in str(e), (key, e)
+
+
+def test_ddp_batch_must_split_evenly_among_processes() -> None:
+    """Under DDP the recipe's batch is the whole step's; each process takes batch / world of it."""
+    from rift_bn.precheck import precheck
+
+    base = ["trainer=ddp", "trainer.accelerator=cpu"]
+    assert precheck([*base, "trainer.devices=2"]) is None
+    msg = precheck([*base, "trainer.devices=3"])
+    assert (
+        msg is not None and msg.startswith("at.batch_size=128: a step's batch is split") and "\n" not in msg
+    )
+    msg = precheck([*base, "trainer.devices=2", "finetune.batch_size=65"])
+    assert msg is not None and msg.startswith("finetune.batch_size=65:")
+    assert precheck(["trainer.devices=3", "trainer.accelerator=cpu"]) is None  # no DDP, no split

@@ -241,7 +241,9 @@ class TensorLoader:
     given to :meth:`set_epoch` if it was called, else ``epoch_fn()`` if given and not None, else an
     internal counter that advances on each ``__iter__``. Under a world of size W > 1 (or the
     ``rank``/``world_size`` overrides) each rank takes the strided shard ``idx[rank::W]`` of the
-    (permuted) indices, padded by wrapping so that all ranks get the same number of batches.
+    (permuted) indices, padded by wrapping so that all ranks get the same number of batches. With
+    ``global_batch`` the batch size is that of the whole world: each rank takes ``batch_size / W`` of
+    its shard per step, so that the W ranks of a step together hold the single-process batch.
     """
 
     def __init__(
@@ -255,6 +257,7 @@ class TensorLoader:
         rank: int | None = None,
         world_size: int | None = None,
         epoch_fn: Callable[[], int | None] | None = None,
+        global_batch: bool = False,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
@@ -271,6 +274,7 @@ class TensorLoader:
         self.drop_last = drop_last
         self.rank, self.world_size = rank, world_size
         self.epoch_fn = epoch_fn
+        self.global_batch = global_batch
         self._counter = 0
         self._epoch: int | None = None
 
@@ -286,9 +290,21 @@ class TensorLoader:
     def _per_rank(self, world: int) -> int:
         return math.ceil(len(self.x) / world) if len(self.x) else 0
 
+    def rank_batch(self) -> int:
+        """This rank's batch size: ``batch_size``, or its share of it with ``global_batch``."""
+        world = self._world()[1]
+        if not self.global_batch or world == 1:
+            return self.batch_size
+        if self.batch_size % world:
+            raise DataError(
+                f"batch_size={self.batch_size}: does not split evenly among {world} processes; choose "
+                f"at.batch_size / finetune.batch_size divisible by trainer.devices x trainer.num_nodes"
+            )
+        return self.batch_size // world
+
     def __len__(self) -> int:
-        m = self._per_rank(self._world()[1])
-        return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
+        m, bs = self._per_rank(self._world()[1]), self.rank_batch()
+        return m // bs if self.drop_last else math.ceil(m / bs)
 
     def _next_epoch(self) -> int:
         if self._epoch is not None:
@@ -319,7 +335,7 @@ class TensorLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         epoch = self._next_epoch()
         idx = self.indices(epoch)
-        bs, nb = self.batch_size, len(self)
+        bs, nb = self.rank_batch(), len(self)
         for b in range(nb):
             if idx is None:
                 yield self.x[b * bs : (b + 1) * bs], self.y[b * bs : (b + 1) * bs]
@@ -413,6 +429,7 @@ class CIFARDataModule(lightning.LightningDataModule):
             shuffle=True,
             seed=self.seed,
             epoch_fn=self._trainer_epoch,
+            global_batch=True,  # DDP: the recipe's batch of 128 is the whole step's, not each process's
         )
 
     def val_dataloader(self) -> TensorLoader:

@@ -14,11 +14,12 @@ from rift_bn.report.collect import (
     LAYER_TYPE_METHODS,
     METHOD_LABELS,
     TOPK_METHODS,
-    Setting,
+    Experiment,
+    check_one_experiment,
     dataset_label,
     estimator,
-    load_runs,
-    setting,
+    experiments,
+    load,
     wandb_target,
 )
 from rift_bn.report.figures import plot_bn_kde, plot_interpolation, plot_layer_types, plot_mrc, save
@@ -26,19 +27,21 @@ from rift_bn.report.table import write_tables
 
 __all__ = [
     "Report",
-    "by_setting",
     "figure_interpolation",
     "figure_layer_types",
     "figure_mrc",
     "make_report",
     "report_figures",
-    "setting_tag",
 ]
 
 
 @dataclass
 class Report:
-    """What :func:`make_report` produced: tables, figures (by file stem), written files, skipped items."""
+    """What :func:`make_report` produced: tables, figures (by file stem), written files, skipped items.
+
+    ``notes`` (one line each: skipped files, duplicate jobs, ``missing:`` job folders) are also in
+    ``table1.md``; ``missing`` are the Hydra job folders without a ``results.json``.
+    """
 
     out: Path
     runs: list[dict]
@@ -48,46 +51,41 @@ class Report:
     files: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     wandb_dir: str | None = None
+    experiments: list[Experiment] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    missing: list[Path] = field(default_factory=list)
 
 
-def by_setting(runs: list[dict]) -> dict[Setting, list[dict]]:
-    """Runs grouped by (dataset, model, width), in first-seen order."""
-    out: dict[Setting, list[dict]] = {}
-    for r in runs:
-        out.setdefault(setting(r), []).append(r)
-    return out
-
-
-def setting_tag(s: Setting, settings: Sequence[Setting]) -> str:
-    """File-name tag: the dataset, plus model and width when one dataset has several settings."""
-    if sum(1 for t in settings if t[0] == s[0]) == 1:
-        return s[0]
-    return f"{s[0]}_{s[1]}_w{s[2]}"
-
-
-def _title(s: Setting, what: str, settings: Sequence[Setting]) -> str:
-    extra = f" ({s[1]}, width {s[2]})" if setting_tag(s, settings) != s[0] else ""
-    return f"{dataset_label(s[0])}{extra}: {what}"
+def _title(e: Experiment, what: str, exps: Sequence[Experiment]) -> str:
+    """``CIFAR-10 (resnet18, width 16; scale=cpu): what``: model/width only when the dataset has several."""
+    extra = [f"{e.setting[1]}, width {e.setting[2]}"] if e.setting_tag != e.setting[0] else []
+    extra += [e.label] if e.label else []
+    detail = " (" + "; ".join(extra) + ")" if extra else ""
+    return f"{dataset_label(e.setting[0])}{detail}: {what}"
 
 
 def figure_layer_types(runs: list[dict], title: str = "") -> Figure | None:
-    """Figures 1-2 for one setting, or ``None`` when it has no layer-type runs with a history."""
+    """Figures 1-2 for one experiment, or ``None`` when it has no layer-type runs with a history."""
+    check_one_experiment(runs, "figure_layer_types")
     lt = [r for r in runs if r.get("method") in LAYER_TYPE_METHODS and r.get("history")]
     return plot_layer_types(lt, title or None) if lt else None
 
 
 def figure_interpolation(runs: list[dict], title: str = "") -> Figure | None:
-    """Interpolation curves of the RiFT / RiFT-with-BN runs of one setting (else of the layer-type runs)."""
-    rs = [r for r in runs if r.get("stage") == "finetune" and r.get("interpolation")]
+    """Interpolation curves (two or more alphas) of one experiment's RiFT / RiFT-with-BN runs, else of its
+    other fine-tuned runs; ``None`` when there are none."""
+    check_one_experiment(runs, "figure_interpolation")
+    rs = [r for r in runs if r.get("stage") == "finetune" and len(r.get("interpolation") or []) > 1]
     topk = [r for r in rs if r.get("method") in TOPK_METHODS]
     return plot_interpolation(topk or rs, title or None) if rs else None
 
 
 def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
-    """MRC chart of one method in one setting (lowest seed; every estimator present side by side).
+    """MRC chart of one method in one experiment (lowest seed; every estimator present side by side).
 
     Selected modules are those of the run with the largest k (rank 1 = lowest MRC).
     """
+    check_one_experiment(runs, "figure_mrc")
     rs = [r for r in runs if r.get("method") == method and r.get("mrc")]
     if not rs:
         return None
@@ -111,6 +109,42 @@ def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
     return plot_mrc(tables, selected, full_title)
 
 
+def _experiment_figures(
+    e: Experiment, exps: Sequence[Experiment], kde: bool, kde_images: int, device: str | None
+) -> list[tuple[str, Figure | None, str]]:
+    """``(stem template, figure or None, why not)`` for one experiment; ``{tag}`` marks the tag's place."""
+    rs = e.runs
+    mrc_methods = [
+        *TOPK_METHODS,
+        *sorted({str(r.get("method")) for r in rs if r.get("mrc")} - set(TOPK_METHODS)),
+    ]
+    wanted: list[tuple[str, Figure | None, str]] = [
+        (
+            "fig_layer_types_{tag}",
+            figure_layer_types(rs, _title(e, "fine-tuning by layer type (selection split)", exps)),
+            "no layer-type runs (bn_only / conv_linear_only / full)",
+        ),
+        (
+            "fig_interpolation_{tag}",
+            figure_interpolation(rs, _title(e, "interpolation (selection split)", exps)),
+            "no interpolation curves (fine-tuned runs with two or more interpolation.alphas)",
+        ),
+        *(
+            (
+                "fig_mrc_{tag}_" + m,
+                figure_mrc(rs, m, _title(e, f"MRC, {METHOD_LABELS.get(m, m)}", exps)),
+                f"no {m} runs with an MRC table",
+            )
+            for m in mrc_methods
+        ),
+    ]
+    if kde:
+        wanted.append(("fig_bn_kde_{tag}", *_kde_figure(rs, _title(e, "", exps), kde_images, device)))
+    else:
+        wanted.append(("fig_bn_kde_{tag}", None, "--no-kde"))
+    return wanted
+
+
 def report_figures(
     runs: list[dict],
     kde: bool = True,
@@ -118,50 +152,31 @@ def report_figures(
     device: str | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Figure], dict[str, str]]:
-    """Every figure for ``runs`` by file stem, and ``{stem: reason}`` for those that could not be drawn."""
+    """Every figure for ``runs``, one set per experiment, by file stem; and ``{stem: reason}`` for those
+    that could not be drawn.
+
+    A stem carries the setting's tag (``fig_interpolation_cifar10``) when one experiment of that setting has
+    the figure, and each experiment's tag (``..._cifar10_exp2``) when several have it.
+    """
+    exps = experiments(runs)
+    made: dict[tuple[str, str], list[tuple[Experiment, Figure | None, str]]] = {}
+    for e in exps:
+        for template, fig, why in _experiment_figures(e, exps, kde, kde_images, device):
+            made.setdefault((e.setting_tag, template), []).append((e, fig, why))
     figures: dict[str, Figure] = {}
     skipped: dict[str, str] = {}
-    groups = by_setting(runs)
-    settings = list(groups)
-    for s, rs in groups.items():
-        tag = setting_tag(s, settings)
-        mrc_methods = [
-            *TOPK_METHODS,
-            *sorted({str(r.get("method")) for r in rs if r.get("mrc")} - set(TOPK_METHODS)),
-        ]
-        wanted: list[tuple[str, Figure | None, str]] = [
-            (
-                f"fig_layer_types_{tag}",
-                figure_layer_types(rs, _title(s, "fine-tuning by layer type (selection split)", settings)),
-                "no layer-type runs (bn_only / conv_linear_only / full)",
-            ),
-            (
-                f"fig_interpolation_{tag}",
-                figure_interpolation(rs, _title(s, "interpolation (selection split)", settings)),
-                "no interpolation curves",
-            ),
-            *(
-                (
-                    f"fig_mrc_{tag}_{m}",
-                    figure_mrc(rs, m, _title(s, f"MRC, {METHOD_LABELS.get(m, m)}", settings)),
-                    f"no {m} runs with an MRC table",
-                )
-                for m in mrc_methods
-            ),
-        ]
-        stem = f"fig_bn_kde_{tag}"
-        if kde:
-            fig, why = _kde_figure(rs, _title(s, "", settings), kde_images, device)
-            wanted.append((stem, fig, why))
-            if fig is None:
-                log(f"Figure 3 ({stem}) skipped: {why}")
+    for (setting_tag, template), items in made.items():
+        drawn = [(e, fig) for e, fig, _ in items if fig is not None]
+        if len(drawn) == 1:
+            figures[template.format(tag=setting_tag)] = drawn[0][1]
+        elif drawn:
+            figures.update({template.format(tag=e.tag): fig for e, fig in drawn})
         else:
-            wanted.append((stem, None, "--no-kde"))
-        for stem, fig, why in wanted:
-            if fig is None:
-                skipped[stem] = why
-            else:
-                figures[stem] = fig
+            whys = list(dict.fromkeys(why for _, _, why in items))
+            stem = template.format(tag=setting_tag)
+            skipped[stem] = whys[0] if len(whys) == 1 else "; ".join(f"{e.tag}: {why}" for e, _, why in items)
+            if kde and template.startswith("fig_bn_kde"):
+                log(f"Figure 3 ({stem}) skipped: {skipped[stem]}")
     return figures, skipped
 
 
@@ -176,24 +191,28 @@ def make_report(
 ) -> Report:
     """Gather ``results.json`` below ``dirs``; write tables and figures to ``out`` (default: DIR/report).
 
-    Figure 3 needs the runs' checkpoints and data (else skipped with the reason); W&B logging happens only
-    when the runs logged to W&B.
+    Runs are pooled over seeds only within one experiment (same config up to the seed): each experiment
+    gets its own table section and figures. Figure 3 needs the runs' checkpoints and data (else skipped
+    with the reason); W&B logging happens only when the runs logged to W&B.
     """
     if not dirs:
         raise ValueError("give at least one run or sweep directory")
     first = Path(dirs[0])
     out_dir = Path(out) if out is not None else (first.parent if first.is_file() else first) / "report"
     out_dir = out_dir.resolve()
-    runs = load_runs(dirs, exclude=out_dir, log=log)
+    loaded = load(dirs, exclude=out_dir)
+    runs = loaded.runs
     if not runs:
-        raise FileNotFoundError(f"no complete results.json below {', '.join(map(str, dirs))}")
+        failed = f" ({len(loaded.missing)} job folder(s) without one)" if loaded.missing else ""
+        raise FileNotFoundError(f"no complete results.json below {', '.join(map(str, dirs))}{failed}")
     n_ft = sum(r.get("stage") == "finetune" for r in runs)
-    log(f"{len(runs)} run(s) ({n_ft} fine-tuned) from {len(dirs)} folder(s)")
-    t1, lt, files = write_tables(runs, out_dir, log)
+    exps = experiments(runs)
+    log(f"{len(runs)} run(s) ({n_ft} fine-tuned, {len(exps)} experiment(s)) from {len(dirs)} folder(s)")
+    t1, lt, files = write_tables(runs, out_dir, log, loaded.notes)
     figures, skipped = report_figures(runs, kde, kde_images, device, log)
     for stem, fig in figures.items():
         files += save(fig, out_dir, stem)
-    report = Report(out_dir, runs, t1, lt, figures, files, skipped)
+    report = Report(out_dir, runs, t1, lt, figures, files, skipped, None, exps, loaded.notes, loaded.missing)
     if wandb:
         report.wandb_dir = _log_wandb(report, log)
     return report
@@ -238,7 +257,11 @@ def _log_wandb(report: Report, log: Callable[[str], None]) -> str | None:
         name=f"report-{target['group']}",
         mode=os.environ.get("WANDB_MODE", "offline"),
         dir=str(report.out),
-        config={"groups": target["groups"], "runs": len(report.runs)},
+        config={
+            "groups": target["groups"],
+            "runs": len(report.runs),
+            "experiments": {e.tag: e.label for e in report.experiments},
+        },
     )
     try:
         run.log({"table1": wandb.Table(dataframe=report.table1.astype({"k": "float"}))})

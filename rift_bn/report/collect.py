@@ -1,26 +1,48 @@
-"""Gather ``results.json`` files below run/sweep directories and describe each run for tables and figures."""
+"""Gather ``results.json`` files below run/sweep directories and describe each run for tables and figures.
+
+Runs are pooled over seeds only within one *experiment*: the same resolved config up to ``seed``, the
+table's own rows (``method``, ``k``, ``stage``, ``mrc.estimator``) and the settings that change no number
+(:data:`NON_RESULT_KEYS`); a user-given ``base.checkpoint`` may differ only by the seed in its path.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "DATASET_LABELS",
-    "METHOD_LABELS",
     "LAYER_TYPE_METHODS",
+    "METHOD_LABELS",
+    "MISSING_REASON",
+    "NON_RESULT_KEYS",
     "TOPK_METHODS",
+    "Experiment",
+    "Loaded",
     "Setting",
+    "check_one_experiment",
     "dataset_label",
+    "dedupe",
     "estimator",
+    "experiment_config",
+    "experiment_key",
+    "experiments",
+    "find_missing",
     "find_results",
+    "interpolation_alphas",
+    "load",
     "load_runs",
+    "row_estimator",
     "setting",
     "setting_label",
+    "source_folder",
     "wandb_target",
 ]
 
@@ -35,8 +57,30 @@ METHOD_LABELS: dict[str, str] = {
     "full": "Full",
 }
 DATASET_LABELS: dict[str, str] = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
+# Same as rift_bn.pipeline.NON_RESULT_KEYS (a test keeps them equal; importing it would load Lightning).
+NON_RESULT_KEYS: tuple[str, ...] = (
+    "logger",
+    "force",
+    "cache_dir",
+    "data.root",
+    "data.download",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+)
+# The table's own rows (and the stage): runs differing only here (and in seed) are one experiment.
+ROW_KEYS: tuple[str, ...] = (
+    "seed",
+    "k",
+    "stage",
+    "method.name",
+    "method.kinds",
+    "method.selection",
+    "mrc.estimator",
+)
+MISSING_REASON = "no results.json; the job failed or is still running"
+_HIDDEN_CHOICES = ("method", "logger")  # Hydra group choices that never tell experiments apart
 
-Setting = tuple[str, str, Any]  # (dataset, model, width): runs are only compared within one setting
+Setting = tuple[str, str, Any]  # (dataset, model, width)
 
 
 def find_results(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> list[Path]:
@@ -57,12 +101,29 @@ def find_results(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = 
     return list(found)
 
 
+def find_missing(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> list[Path]:
+    """Hydra job folders (they hold ``.hydra/``) at or below ``dirs`` without a ``results.json``, sorted."""
+    found: dict[Path, None] = {}
+    for d in dirs:
+        p = Path(d)
+        if not p.is_dir():
+            continue
+        for h in sorted(p.rglob(".hydra")):
+            job = h.parent.resolve()
+            if not h.is_dir() or (job / "results.json").exists():
+                continue
+            if exclude is not None and (exclude.resolve() == job or exclude.resolve() in job.parents):
+                continue
+            found[job] = None
+    return list(found)
+
+
 def _width(r: dict) -> Any:
     return r.get("width", ((r.get("config") or {}).get("model") or {}).get("width"))
 
 
 def setting(r: dict) -> Setting:
-    """``(dataset, model, width)``: the key inside which runs are comparable."""
+    """``(dataset, model, width)``."""
     return (str(r.get("dataset")), str(r.get("model")), _width(r))
 
 
@@ -84,6 +145,179 @@ def estimator(r: dict) -> str:
     return str(((r.get("config") or {}).get("mrc") or {}).get("estimator") or "exact")
 
 
+def row_estimator(r: dict) -> str:
+    """The estimator as a table row key: only MRC-selected runs (``k`` set, or rift / rift_bn) have one."""
+    if r.get("stage") == "finetune" and (r.get("k") is not None or r.get("method") in TOPK_METHODS):
+        return estimator(r)
+    return ""
+
+
+def interpolation_alphas(r: dict) -> list[float]:
+    """The run's ``interpolation.alphas`` (from its config, else from its interpolation curve)."""
+    alphas = ((r.get("config") or {}).get("interpolation") or {}).get("alphas")
+    if alphas is None:
+        alphas = sorted({p["alpha"] for p in r.get("interpolation") or [] if "alpha" in p})
+    return [float(a) for a in alphas]
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _dropped(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in (*NON_RESULT_KEYS, *ROW_KEYS))
+
+
+def experiment_config(r: dict) -> dict[str, Any]:
+    """The run's resolved config as ``{dotted key: value}`` without seed, row keys and non-result keys.
+
+    A given ``base.checkpoint`` path has the run's seed replaced by ``{seed}``, so per-seed checkpoints
+    (``base-0.pt``, ``base-1.pt``) belong to one experiment.
+    """
+    flat = {k: v for k, v in _flatten(r.get("config") or {}).items() if not _dropped(k)}
+    flat.setdefault("data.name", r.get("dataset"))
+    flat.setdefault("model.name", r.get("model"))
+    flat.setdefault("model.width", _width(r))
+    ckpt, seed = flat.get("base.checkpoint"), r.get("seed")
+    if isinstance(ckpt, str) and seed is not None:
+        flat["base.checkpoint"] = re.sub(rf"(?<![0-9]){int(seed)}(?![0-9])", "{seed}", ckpt)
+    return flat
+
+
+def experiment_key(r: dict) -> str:
+    """Stable digest of :func:`experiment_config`: equal for runs that may be pooled over seeds."""
+    text = json.dumps(experiment_config(r), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _keys(runs: Sequence[dict]) -> list[str]:
+    """Experiment key per run; a base-only (``stage=at``) run joins the fine-tuned runs sharing its base."""
+    keys = [experiment_key(r) for r in runs]
+    by_ckpt: dict[str, set[str]] = {}
+    for r, key in zip(runs, keys, strict=True):
+        if r.get("stage") == "finetune" and (r.get("base") or {}).get("checkpoint"):
+            by_ckpt.setdefault(str(r["base"]["checkpoint"]), set()).add(key)
+    for i, r in enumerate(runs):
+        found = by_ckpt.get(str((r.get("base") or {}).get("checkpoint")), set())
+        if r.get("stage") != "finetune" and len(found) == 1:
+            keys[i] = next(iter(found))
+    return keys
+
+
+def source_folder(r: dict) -> Path:
+    """The sweep folder of a run (the parent holding ``multirun.yaml``), else its own job folder."""
+    job = Path(r["_path"]).parent
+    return job.parent if (job.parent / "multirun.yaml").exists() else job
+
+
+def _show(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+@dataclass
+class Experiment:
+    """Runs that are the same experiment up to the seed (see the module docstring)."""
+
+    key: str
+    setting: Setting
+    runs: list[dict]
+    tag: str = ""  # file-name tag: setting_tag, + ``_expN`` when the setting has several experiments
+    setting_tag: str = ""  # the dataset, + ``_<model>_w<width>`` when the dataset has several settings
+    label: str = ""  # what sets it apart from the other experiments of its setting ("" when alone)
+    config: dict[str, Any] = field(default_factory=dict)  # experiment_config of a fine-tuned run
+    choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices (scale, experiment, ...)
+
+    @property
+    def title(self) -> str:
+        """``CIFAR-10, resnet18 (width 16)``, plus `` · label`` when the setting has several experiments."""
+        return setting_label(self.setting) + (f" · {self.label}" if self.label else "")
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted({int(r["seed"]) for r in self.runs if r.get("seed") is not None})
+
+    @property
+    def folders(self) -> list[str]:
+        return sorted({_show(source_folder(r)) for r in self.runs if r.get("_path")})
+
+
+def _short(v: Any, n: int = 40) -> str:
+    text = json.dumps(v, default=str) if not isinstance(v, str) else v
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _differences(exps: Sequence[Experiment]) -> list[tuple[str, str]]:
+    """``("choice", group)`` for Hydra choices and ``("config", key)`` for config keys whose values differ
+    between ``exps``; a config key that is a function of the choices (e.g. set by ``scale=cpu``) is left out.
+    """
+    groups = sorted({g for e in exps for g in e.choices})
+    choice_of = lambda e: tuple(e.choices.get(g, "null") for g in groups)
+    diff = [("choice", g) for g in groups if len({e.choices.get(g, "null") for e in exps}) > 1]
+    value = lambda e, k: json.dumps(e.config.get(k), sort_keys=True, default=str)
+    for k in sorted({k for e in exps for k in e.config}):
+        if len({value(e, k) for e in exps}) < 2:
+            continue
+        by_choice: dict[tuple, str] = {}
+        if any(by_choice.setdefault(choice_of(e), value(e, k)) != value(e, k) for e in exps):
+            diff.append(("config", k))
+    return diff
+
+
+def _label(e: Experiment, diff: Sequence[tuple[str, str]], most: int = 4) -> str:
+    """``scale=cpu, interpolation.alphas=[1.0]``: this experiment's values of the differing settings."""
+    items = [
+        f"{name}={e.choices.get(name, 'null')}" if src == "choice" else f"{name}={_short(e.config.get(name))}"
+        for src, name in diff
+    ]
+    return ", ".join(items[:most]) + (f", +{len(items) - most} more" if len(items) > most else "")
+
+
+def experiments(runs: Sequence[dict]) -> list[Experiment]:
+    """The runs grouped into experiments, in first-seen order, with tags and distinguishing labels."""
+    found: dict[str, Experiment] = {}
+    for r, key in zip(runs, _keys(runs), strict=True):
+        e = found.setdefault(key, Experiment(key, setting(r), []))
+        e.runs.append(r)
+    out = list(found.values())
+    for e in out:
+        rep = next((r for r in e.runs if r.get("stage") == "finetune"), e.runs[0])
+        e.config = experiment_config(rep)
+        e.choices = next((dict(r["_choices"]) for r in [rep, *e.runs] if r.get("_choices")), {})
+    by_setting: dict[Setting, list[Experiment]] = {}
+    for e in out:
+        by_setting.setdefault(e.setting, []).append(e)
+    for s, group in by_setting.items():
+        same_dataset = sum(1 for t in by_setting if t[0] == s[0])
+        tag = s[0] if same_dataset == 1 else f"{s[0]}_{s[1]}_w{s[2]}"
+        diff = _differences(group) if len(group) > 1 else []
+        for i, e in enumerate(group, 1):
+            e.setting_tag = tag
+            e.tag = tag if len(group) == 1 else f"{tag}_exp{i}"
+            e.label = (_label(e, diff) or f"experiment {i}") if len(group) > 1 else ""
+    return out
+
+
+def check_one_experiment(runs: Sequence[dict], what: str) -> None:
+    """Raise ``ValueError`` when ``runs`` are several experiments (they must not be averaged together)."""
+    exps = experiments(runs)
+    if len(exps) > 1:
+        diff = [name for _, name in _differences(exps)]
+        shown = ", ".join(diff[:6]) + (f" (+{len(diff) - 6} more)" if len(diff) > 6 else "")
+        raise ValueError(
+            f"{what}: the runs are {len(exps)} different experiments (they differ in {shown}); pass one "
+            "experiment's runs (rift_bn.report.collect.experiments) or one sweep at a time"
+        )
+
+
 def _complete(r: dict) -> str | None:
     """Why a results dict cannot be reported, or ``None``."""
     for key in ("stage", "dataset", "base", "final"):
@@ -95,48 +329,92 @@ def _complete(r: dict) -> str | None:
     return None
 
 
-def _identity(r: dict) -> tuple:
-    return (
-        *setting(r),
-        r.get("stage"),
-        r.get("method"),
-        r.get("k"),
-        estimator(r),
-        r.get("seed"),
-        r.get("job_key"),
-    )
+def _choices(job: Path) -> dict[str, str]:
+    """Hydra's group choices of a job (``.hydra/hydra.yaml``), without hydra/* and method/logger."""
+    path = job / ".hydra" / "hydra.yaml"
+    if not path.is_file():
+        return {}
+    import yaml
+
+    try:
+        choices = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("runtime", {})["choices"]
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return {}
+    return {
+        str(g): str(v)
+        for g, v in (choices or {}).items()
+        if not str(g).startswith("hydra/") and g not in _HIDDEN_CHOICES
+    }
+
+
+def dedupe(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
+    """One run per job (experiment, stage, method, k, estimator, seed): the newest ``results.json``.
+
+    Returns the kept runs (first-seen order) and one note per ignored copy.
+    """
+    kept: dict[tuple, dict] = {}
+    notes: list[str] = []
+    for r, key in zip(runs, _keys(runs), strict=True):
+        method = (r.get("config") or {}).get("method") or {}
+        job = (key, r.get("stage"), r.get("method"), r.get("k"), row_estimator(r), r.get("seed"))
+        job += (json.dumps([method.get("kinds"), method.get("selection")], default=str),)
+        old = kept.get(job)
+        if old is None:
+            kept[job] = r
+            continue
+        new, drop = (r, old) if r.get("_mtime", 0) >= old.get("_mtime", 0) else (old, r)
+        kept[job] = new
+        kept_at, ignored = _show(Path(new["_path"])), _show(Path(drop["_path"]))
+        notes.append(
+            f"duplicate job (same config, seed {r.get('seed')}): kept the newest {kept_at}, ignored {ignored}"
+        )
+    return list(kept.values()), notes
+
+
+@dataclass
+class Loaded:
+    """What :func:`load` found: the runs, job folders without results, and one note per irregularity."""
+
+    runs: list[dict]
+    missing: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def load(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> Loaded:
+    """Read every complete ``results.json`` below ``dirs`` and list the job folders that have none.
+
+    Each run dict gains ``_path``, ``_mtime`` and ``_choices`` (its Hydra group choices). Unreadable or
+    incomplete files, duplicate jobs (the newest is kept) and missing results become notes.
+    """
+    dirs = list(dirs)
+    runs: list[dict] = []
+    notes: list[str] = []
+    for path in find_results(dirs, exclude):
+        try:
+            r = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            notes.append(f"skipped {_show(path)}: unreadable ({type(exc).__name__}: {exc})")
+            continue
+        why = _complete(r) if isinstance(r, dict) else "not a JSON object"
+        if why:
+            notes.append(f"skipped {_show(path)}: {why}")
+            continue
+        r |= {"_path": str(path), "_mtime": path.stat().st_mtime, "_choices": _choices(path.parent)}
+        runs.append(r)
+    runs, dup_notes = dedupe(runs)
+    missing = find_missing(dirs, exclude)
+    notes += dup_notes + [f"missing: {_show(m)} ({MISSING_REASON})" for m in missing]
+    return Loaded(runs, missing, notes)
 
 
 def load_runs(
     dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None, log: Callable[[str], None] = print
 ) -> list[dict]:
-    """Read every complete ``results.json`` below ``dirs``; each dict gains ``_path`` (its absolute path).
-
-    Unreadable or incomplete files are skipped with a printed reason. The same experiment found twice
-    (same setting, method, k, estimator, seed and job key, e.g. a sweep rerun) is counted once: the newest.
-    """
-    runs: dict[tuple, dict] = {}
-    for path in find_results(dirs, exclude):
-        try:
-            r = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            log(f"skipped {path}: unreadable ({type(exc).__name__}: {exc})")
-            continue
-        why = _complete(r) if isinstance(r, dict) else "not a JSON object"
-        if why:
-            log(f"skipped {path}: {why}")
-            continue
-        r["_path"] = str(path)
-        r["_mtime"] = path.stat().st_mtime
-        key = _identity(r)
-        if key in runs:
-            old = runs[key]
-            keep, drop = (r, old) if r["_mtime"] >= old["_mtime"] else (old, r)
-            log(f"duplicate run: kept {keep['_path']}, ignored {drop['_path']}")
-            runs[key] = keep
-        else:
-            runs[key] = r
-    return list(runs.values())
+    """The runs of :func:`load`; its notes (skipped files, duplicates, missing results) go to ``log``."""
+    loaded = load(dirs, exclude)
+    for note in loaded.notes:
+        log(note)
+    return loaded.runs
 
 
 def _group(r: dict) -> str:

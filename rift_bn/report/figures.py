@@ -18,7 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from rift_bn.report.collect import METHOD_LABELS, dataset_label
+from rift_bn.report.collect import METHOD_LABELS, check_one_experiment, dataset_label, row_estimator
 
 __all__ = [
     "METHOD_COLORS",
@@ -107,9 +107,10 @@ def _column_legend(fig: Figure, columns: list[list[tuple[object, str]]]) -> None
 def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
     """Figures 1-2: clean and robust accuracy (selection split) per fine-tuning epoch, a line per layer type.
 
-    ``runs`` are the bn_only / conv_linear_only / full runs of one dataset; epoch 0 is the base model.
-    Several seeds give the mean line and a ±1 std band.
+    ``runs`` are the bn_only / conv_linear_only / full runs of one experiment (``ValueError`` otherwise);
+    epoch 0 is the base model. Several seeds give the mean line and a ±1 std band.
     """
+    check_one_experiment(runs, "plot_layer_types")
     by_method: dict[str, list[list[dict]]] = {}
     for r in runs:
         if r.get("history"):
@@ -149,37 +150,42 @@ def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
 
 
 def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
-    """Clean and robust accuracy (selection split) against alpha, one line per (method, k); alpha* marked.
+    """Clean and robust accuracy (selection split) against alpha, one line per (method, k, MRC estimator).
 
-    Several seeds per (method, k) give the mean line; the star sits at the most frequent alpha*.
+    ``runs`` must be one experiment (``ValueError`` otherwise). Several seeds per line give the mean line;
+    the star sits at the most frequent alpha*.
     """
-    series: dict[tuple[str, int | None], list[dict]] = {}
+    check_one_experiment(runs, "plot_interpolation")
+    series: dict[tuple[str, int | None, str], list[dict]] = {}
     for r in runs:
         if r.get("interpolation"):
-            series.setdefault((r["method"], r.get("k")), []).append(r)
+            series.setdefault((r["method"], r.get("k"), row_estimator(r)), []).append(r)
     keys = sorted(
         series,
         key=lambda mk: (
             ("rift", "rift_bn").index(mk[0]) if mk[0] in ("rift", "rift_bn") else 9,
             mk[0],
+            mk[2] != "exact",
+            mk[2],
             mk[1] or 0,
         ),
     )
-    methods = sorted({m for m, _ in keys})
+    methods = sorted({m for m, _, _ in keys})
     with style():
         fig = Figure(figsize=(FULL_WIDTH, 2.8), layout="constrained")
         axes = fig.subplots(1, 2)
         columns: list[list[tuple[object, str]]] = []
         for method in methods:
             columns.append([])
-            ks = [k for m, k in keys if m == method]
+            ks = [(k, est) for m, k, est in keys if m == method]
             base = METHOD_COLORS.get(method, "#777777")
             shades = sns.light_palette(base, n_colors=len(ks) + 2)[2:] if len(ks) > 1 else [base]
-            for color, k in zip(shades, ks, strict=True):
-                rs = series[(method, k)]
+            for color, (k, est) in zip(shades, ks, strict=True):
+                rs = series[(method, k, est)]
                 alphas = Counter(r["alpha"] for r in rs if r.get("alpha") is not None)
                 a_star = min(alphas, key=lambda a: (-alphas[a], a)) if alphas else None
                 label = METHOD_LABELS.get(method, method) + (f", k={k}" if k is not None else "")
+                label += f" ({est} MRC)" if est not in ("", "exact") else ""
                 label += f" (n={len(rs)})" if len(rs) > 1 else ""
                 for ax, metric in zip(axes, ("clean_acc", "robust_acc"), strict=True):
                     x, mean, _ = _mean_std(

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rift_bn.report.collect import estimator, setting
+from rift_bn.report.collect import check_one_experiment, estimator
 
 __all__ = ["KDEPlan", "bn_outputs", "kde_samples", "plan_kde"]
 
 
 @dataclass
 class KDEPlan:
-    """Which runs and BN layers Figure 3 uses for one setting."""
+    """Which runs and BN layers Figure 3 uses for one experiment."""
 
     rift: dict
     rift_bn: dict
@@ -37,17 +37,22 @@ def plan_kde(runs: list[dict]) -> tuple[KDEPlan | None, str]:
     """Pick the RiFT / RiFT-with-BN pair (largest k with both, then lowest seed, exact MRC first) and layers.
 
     Layers: the BN layers the RiFT-with-BN run selected (lowest MRC first, at most 4); if it selected none,
-    the BN layer with the lowest MRC in its table (noted). Returns ``(None, reason)`` when impossible.
+    the BN layer with the lowest MRC in its table (noted). ``runs`` must be one experiment. Returns
+    ``(None, reason)`` when impossible.
     """
+    try:
+        check_one_experiment(runs, "Figure 3")
+    except ValueError as exc:
+        return None, str(exc)
     pairs: dict[tuple, dict[str, dict]] = {}
     for r in runs:
         if r.get("stage") == "finetune" and r.get("method") in ("rift", "rift_bn") and r.get("k") is not None:
-            key = (*setting(r), r["k"], r.get("seed"), estimator(r))
+            key = (r["k"], r.get("seed"), estimator(r))
             pairs.setdefault(key, {})[r["method"]] = r
     both = [key for key, p in pairs.items() if len(p) == 2]
     if not both:
         return None, "no RiFT and RiFT-with-BN runs with the same k and seed"
-    key = max(both, key=lambda t: (t[3], -(t[4] or 0), t[5] == "exact"))
+    key = max(both, key=lambda t: (t[0], -(t[1] or 0), t[2] == "exact"))
     pair = pairs[key]
     rift_bn = pair["rift_bn"]
     layers = [s["name"] for s in rift_bn.get("selected") or [] if s.get("type") == "bn"][:4]
@@ -59,7 +64,7 @@ def plan_kde(runs: list[dict]) -> tuple[KDEPlan | None, str]:
         if not bn_rows:
             return (
                 None,
-                f"the RiFT-with-BN run (k={key[3]}) selected no BN layer and has no BN rows in its MRC table",
+                f"the RiFT-with-BN run (k={key[0]}) selected no BN layer and has no BN rows in its MRC table",
             )
         layers = [bn_rows[0]["name"]]
         notes[layers[0]] = "not selected; lowest-MRC BN layer"
