@@ -43,6 +43,11 @@ NON_RESULT_KEYS = (  # settings that change no number: the same job wherever its
 )
 
 
+def finetune_milestones(epochs: int, milestones: list[int] | None) -> tuple[int, ...]:
+    """Fine-tuning's lr decay epochs: as given, or half-way (RiFT: ``[epochs // 2]``) for null."""
+    return tuple(milestones) if milestones is not None else (max(1, epochs // 2),)
+
+
 def make_attack(acfg: DictConfig, prefix: str = "attack") -> PGD:
     return PGD(
         eps=pixels(acfg.eps, f"{prefix}.eps"),
@@ -410,7 +415,7 @@ class Run:
         selection = ModuleSelection(
             tuple(cfg.method.kinds), cfg.k if rows is not None else None, rows, f.bn_stats
         )
-        milestones = tuple(f.milestones) if f.milestones is not None else (max(1, f.epochs // 2),)
+        milestones = finetune_milestones(f.epochs, f.milestones)
         module = FineTuning(
             copy.deepcopy(base),
             make_attack(cfg.attack),

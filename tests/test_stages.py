@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -93,3 +94,22 @@ def test_fine_tuning_learns_from_the_clean_batch() -> None:
     module.training_step((x, y), 0)
     (clean,) = seen
     assert torch.equal(clean, x)
+
+
+def test_fine_tuning_lr_decays_half_way_by_default() -> None:
+    """DESIGN step 6: lr x0.1 at half-way (finetune.milestones: null); the optimiser really steps down."""
+    from rift_bn.modules import FineTuning
+    from rift_bn.pipeline import finetune_milestones
+
+    assert finetune_milestones(10, None) == (5,) and finetune_milestones(1, None) == (1,)
+    assert finetune_milestones(10, [3, 7]) == (3, 7)
+    module = FineTuning(
+        build_model("resnet18", 10, 4), None, 10, lr=1e-3, milestones=finetune_milestones(10, None)
+    )  # type: ignore[arg-type]
+    ([opt], [sched]) = module.configure_optimizers()
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-3] * 5 + [1e-4] * 5)

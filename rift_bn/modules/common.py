@@ -97,6 +97,8 @@ class RobustClassifier(L.LightningModule):
         clean, robust = 100 * self.val_clean.compute().item(), 100 * self.val_robust.compute().item()
         self.val_clean.reset()
         self.val_robust.reset()
+        # "epoch" is 1-based (the console's "epoch k/N", results.json's history); the train rows of the
+        # same epoch carry the same value (on_train_epoch_end), so Lightning's 0-based default never shows
         self.log_dict(
             {"val/clean_acc": clean, "val/robust_acc": robust, "epoch": float(self.current_epoch + 1)}
         )
@@ -109,6 +111,10 @@ class RobustClassifier(L.LightningModule):
                     flush=True,
                 )
             self.on_validation_result(clean, robust)
+
+    def on_train_epoch_end(self) -> None:
+        # logged before Lightning writes the epoch's train metrics, so its 0-based ``epoch`` is not added
+        self.log("epoch", float(self.current_epoch + 1))
 
     def on_validation_result(self, clean_acc: float, robust_acc: float) -> None:
         """Hook for subclasses (the best-checkpoint tracking of adversarial training)."""

@@ -350,25 +350,26 @@ def _choices(job: Path) -> dict[str, str]:
 def dedupe(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
     """One run per job (experiment, stage, method, k, estimator, seed): the newest ``results.json``.
 
-    Returns the kept runs (first-seen order) and one note per ignored copy.
+    Returns the kept runs (in first-seen order) and one note per job found more than once.
     """
-    kept: dict[tuple, dict] = {}
-    notes: list[str] = []
+    copies: dict[tuple, list[dict]] = {}
     for r, key in zip(runs, _keys(runs), strict=True):
         method = (r.get("config") or {}).get("method") or {}
         job = (key, r.get("stage"), r.get("method"), r.get("k"), row_estimator(r), r.get("seed"))
         job += (json.dumps([method.get("kinds"), method.get("selection")], default=str),)
-        old = kept.get(job)
-        if old is None:
-            kept[job] = r
-            continue
-        new, drop = (r, old) if r.get("_mtime", 0) >= old.get("_mtime", 0) else (old, r)
-        kept[job] = new
-        kept_at, ignored = _show(Path(new["_path"])), _show(Path(drop["_path"]))
-        notes.append(
-            f"duplicate job (same config, seed {r.get('seed')}): kept the newest {kept_at}, ignored {ignored}"
-        )
-    return list(kept.values()), notes
+        copies.setdefault(job, []).append(r)
+    kept: list[dict] = []
+    notes: list[str] = []
+    for rs in copies.values():
+        newest = max(rs, key=lambda r: r.get("_mtime", 0))  # the first of equally new copies
+        kept.append(newest)
+        if len(rs) > 1:
+            ignored = ", ".join(_show(Path(r["_path"])) for r in rs if r is not newest)
+            notes.append(
+                f"duplicate job ({len(rs)} copies of one config, seed {newest.get('seed')}): kept the newest "
+                f"{_show(Path(newest['_path']))}; ignored {ignored}"
+            )
+    return kept, notes
 
 
 @dataclass
