@@ -127,7 +127,6 @@ def test_csv_summary_without_training_leaves_unused_values_out(tmp_path: Path) -
 
 
 def test_tensorboard_summary_scalars(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = SummaryTensorBoardLogger(save_dir=str(tmp_path), name="tb")
