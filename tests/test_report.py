@@ -1,7 +1,9 @@
-"""rift_bn.report: Table 1 numbers (mean, sample std, n, deltas), figures, CLI, W&B upload, notebook."""
+"""rift_bn.report: Table 1 numbers (mean, sample std, n, deltas), figures, CLI, W&B upload, notebook;
+experiments kept apart, duplicate jobs counted once, failed jobs listed."""
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -16,13 +18,21 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 
-from rift_bn.report.build import figure_mrc, make_report
-from rift_bn.report.collect import load_runs, wandb_target
+from rift_bn.report.build import figure_mrc, make_report, report_figures
+from rift_bn.report.collect import (
+    MISSING_REASON,
+    NON_RESULT_KEYS,
+    experiments,
+    load,
+    load_runs,
+    wandb_target,
+)
 from rift_bn.report.figures import plot_interpolation, plot_layer_types, plot_mrc
-from rift_bn.report.table import fmt, layer_types_table, table1
+from rift_bn.report.table import final_model_text, fmt, layer_types_table, table1, to_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -140,6 +150,38 @@ def build_sweep(root: Path, data_root: Path | None = None, logger: str = "csv") 
     at = root / str(i)  # a base-model-only run: its base must not count twice
     at.mkdir()
     (at / "results.json").write_text(json.dumps(make_result(None, None, 0, ckpts, data_root, logger)))
+    return root
+
+
+def as_scale(sweep: Path, scale: str, train_subset: int, shift: float = 0.0) -> Path:
+    """Turn a :func:`build_sweep` folder into a ``scale=<scale>`` sweep: ``data.train_subset``, its own base
+    checkpoints, clean accuracies shifted by ``shift`` and Hydra's ``.hydra/hydra.yaml`` choices per job."""
+    for f in sorted(sweep.rglob("results.json")):
+        r = json.loads(f.read_text())
+        r["config"]["data"]["train_subset"] = train_subset
+        for part in ("base", "final"):
+            r[part]["clean_acc"] += shift
+            r[part]["checkpoint"] = r[part]["checkpoint"].replace("/ckpt/", f"/ckpt-{scale}/")
+        f.write_text(json.dumps(r))
+        choices = {
+            "scale": scale,
+            "method": r["method"] or "rift_bn",
+            "logger": "csv",
+            "hydra/launcher": "basic",
+        }
+        (f.parent / ".hydra").mkdir()
+        (f.parent / ".hydra" / "hydra.yaml").write_text(
+            yaml.safe_dump({"hydra": {"runtime": {"choices": choices}}})
+        )
+    return sweep
+
+
+@pytest.fixture()
+def two_scales(tmp_path: Path) -> Path:
+    """Two sweeps of the same seeds 0-2 in one folder: scale=smoke (base 80%) and scale=cpu (base 90%)."""
+    root = tmp_path / "all"
+    as_scale(build_sweep(root / "smoke"), "smoke", 4000)
+    as_scale(build_sweep(root / "cpu"), "cpu", 5000, shift=10.0)
     return root
 
 
@@ -273,6 +315,8 @@ def test_markdown_and_csv_files(made: tuple) -> None:
     assert "|  | Base (AT) | 80.00 ± 1.00 | 50.00 ± 1.00 | 3 |" in md
     assert "| Full | 84.00 | 44.00 | 1 |" in md and "| Δ Full | +4.00 | -6.00 |  |" in md
     assert md.index("Top 1") < md.index("Top 2") < md.index("layer type")
+    assert "## Fine-tuning by layer type (Figures 1-2): final model after interpolation (alpha* chosen" in md
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 |" in md and "## Notes" in md and "duplicate" not in md
 
 
 def test_fmt() -> None:
@@ -289,6 +333,190 @@ def test_duplicate_runs_counted_once(sweep: Path, tmp_path: Path) -> None:
     runs = load_runs([sweep, tmp_path / "rerun", sweep], log=notes.append)
     assert len(runs) == 12 and any("duplicate" in n for n in notes)  # 11 fine-tuned + 1 base-only
     assert _row(table1(runs), "rift", 1)["n"] == 3
+
+
+def test_duplicate_job_keeps_newest_and_says_so(sweep: Path, tmp_path: Path) -> None:
+    """The same job rerun elsewhere (only logger, force and data.root differ) is one seed: the newest copy."""
+    r = json.loads((sweep / "0" / "results.json").read_text())  # rift k=1 seed 0: clean 81
+    assert (r["method"], r["k"], r["seed"]) == ("rift", 1, 0)
+    r["final"]["clean_acc"] = 99.0
+    r["config"] |= {"logger": {"name": "wandb", "project": "p"}, "force": True}
+    r["config"]["data"]["root"] = "/elsewhere/data"
+    rerun = tmp_path / "rerun" / "0" / "results.json"
+    rerun.parent.mkdir(parents=True)
+    rerun.write_text(json.dumps(r))
+    old = (sweep / "0" / "results.json").stat().st_mtime
+    os.utime(rerun, (old + 60, old + 60))
+    r["config"]["data"]["val_size"] = 60  # a setting that changes numbers: another experiment, not a copy
+    other = tmp_path / "other" / "0" / "results.json"
+    other.parent.mkdir(parents=True)
+    other.write_text(json.dumps(r))
+
+    loaded = load([sweep, tmp_path / "rerun"])
+    assert len(loaded.runs) == 12
+    (note,) = loaded.notes
+    assert note.startswith("duplicate job (2 copies of one config, seed 0): kept the newest ")
+    assert str(rerun) in note.split("; ignored ")[0] and str(sweep / "0" / "results.json") in note
+    rift1 = _row(table1(loaded.runs), "rift", 1)
+    assert rift1["n"] == 3 and rift1["seeds"] == "0 1 2"
+    assert rift1["clean_acc_mean"] == pytest.approx((99 + 83 + 85) / 3)  # the newest copy's number
+
+    both = load([sweep, tmp_path / "other"])
+    assert not both.notes and len(experiments(both.runs)) == 2
+    t = table1(both.runs)
+    assert sorted(t.loc[(t["method"] == "rift") & (t["k"] == 1), "n"]) == [1, 3]
+
+
+def test_a_seed_pooled_twice_is_refused(sweep: Path) -> None:
+    runs = load_runs([sweep], log=lambda _: None)
+    twice = next(r for r in runs if r["method"] == "rift" and r["k"] == 2)
+    with pytest.raises(ValueError, match="one run per seed"):
+        table1([*runs, dict(twice)])
+
+
+def test_non_result_keys_match_the_pipeline() -> None:
+    """The report drops the same settings from an experiment as rift_bn.run drops from a job's key."""
+    tree = ast.parse((REPO / "rift_bn" / "pipeline.py").read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.Assign) and n.targets[0].id == "NON_RESULT_KEYS"]
+    assert ast.literal_eval(node.value) == NON_RESULT_KEYS
+
+
+# ------------------------------------------------------------------------------------------ experiments
+
+
+def _by_label(df: pd.DataFrame, label: str, method: str, k: int | None = None) -> pd.Series:
+    return _row(df[df["label"] == label], method, k)
+
+
+def test_experiments_are_reported_separately(two_scales: Path) -> None:
+    """Same seeds, different scale: two experiments with n = 3 each, never one pool with n = 6."""
+    runs = load_runs([two_scales], log=lambda _: None)
+    exps = experiments(runs)
+    assert sorted(e.label for e in exps) == ["scale=cpu", "scale=smoke"]  # train_subset follows from scale
+    assert sorted(e.tag for e in exps) == ["cifar10_exp1", "cifar10_exp2"]
+    assert all(e.seeds == [0, 1, 2] and len(e.runs) == 12 for e in exps)
+
+    t = table1(runs)
+    assert (t["method"] == "base").sum() == 2
+    for label, shift in (("scale=smoke", 0.0), ("scale=cpu", 10.0)):
+        base = _by_label(t, label, "base")
+        assert base["n"] == 3 and base["seeds"] == "0 1 2"
+        assert base["clean_acc_mean"] == pytest.approx(80.0 + shift) and base[
+            "clean_acc_std"
+        ] == pytest.approx(1)
+        rift1 = _by_label(t, label, "rift", 1)
+        assert rift1["n"] == 3 and rift1["clean_acc_mean"] == pytest.approx(83.0 + shift)
+        assert rift1["delta_clean_mean"] == pytest.approx(3.0)
+    lt = layer_types_table(runs)
+    assert sorted(lt.loc[lt["method"] == "base", "n"]) == [1, 1]
+
+    md = to_markdown(t, lt, runs)
+    tag = {e.label: e.tag for e in exps}
+    assert f"### CIFAR-10, resnet18 (width 8) · scale=cpu (`{tag['scale=cpu']}`)" in md
+    assert "| Top 1 | RiFT | 93.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md
+    assert "88.00" not in md  # the pooled RiFT k=1 mean of both scales
+    assert f"- `{tag['scale=smoke']}` (scale=smoke): 12 run(s), seeds 0, 1, 2; from " in md
+
+    for r in runs:  # without Hydra's choices the label names the differing config key
+        r["_choices"] = {}
+    assert sorted(e.label for e in experiments(runs)) == ["data.train_subset=4000", "data.train_subset=5000"]
+    wide = [dict(r, width=16) if "/cpu/" in r["_path"] else r for r in runs]  # different setting
+    assert sorted((e.tag, e.label) for e in experiments(wide)) == [
+        ("cifar10_resnet18_w16", ""),
+        ("cifar10_resnet18_w8", ""),
+    ]
+
+
+def test_figures_per_experiment_and_mixing_refused(two_scales: Path) -> None:
+    from rift_bn.report.kde import plan_kde
+
+    runs = load_runs([two_scales], log=lambda _: None)
+    with pytest.raises(ValueError, match=r"2 different experiments \(they differ in scale\)"):
+        plot_interpolation([r for r in runs if r["method"] in ("rift", "rift_bn")])
+    with pytest.raises(ValueError, match="different experiments"):
+        plot_layer_types([r for r in runs if r["method"] == "full"])
+    with pytest.raises(ValueError, match="different experiments"):
+        figure_mrc(runs, "rift")
+    plan, why = plan_kde(runs)
+    assert plan is None and "different experiments" in why
+
+    figures, skipped = report_figures(runs, kde=False, log=lambda _: None)
+    tags = sorted(e.tag for e in experiments(runs))
+    kinds = ("fig_layer_types_{}", "fig_interpolation_{}", "fig_mrc_{}_rift", "fig_mrc_{}_rift_bn")
+    assert sorted(figures) == sorted(kind.format(t) for kind in kinds for t in tags)
+    assert skipped == {"fig_bn_kde_cifar10": "--no-kde"}
+    cpu = next(e.tag for e in experiments(runs) if e.label == "scale=cpu")
+    fig = figures[f"fig_interpolation_{cpu}"]
+    assert "scale=cpu" in fig._suptitle.get_text() and "RiFT, k=1 (n=3)" in _legend_texts(fig)
+    assert _legend_texts(figures[f"fig_layer_types_{cpu}"]) == ["BN only", "Conv/Linear only", "Full"]  # n=1
+
+    # only one experiment of the setting has layer-type runs: its figure keeps the plain stem
+    some = [
+        r
+        for r in runs
+        if not ("/cpu/" in r["_path"] and r["method"] in ("bn_only", "conv_linear_only", "full"))
+    ]
+    figures, _ = report_figures(some, kde=False, log=lambda _: None)
+    assert "fig_layer_types_cifar10" in figures and f"fig_interpolation_{cpu}" in figures
+
+
+def test_estimators_get_their_own_rows_and_lines(sweep: Path) -> None:
+    """A linear-MRC run is its own row and interpolation line, never averaged into the exact-MRC one."""
+    runs = load_runs([sweep], log=lambda _: None)
+    linear = []
+    for r in runs:
+        if r["method"] == "rift" and r["k"] == 1:
+            rows = [dict(row, estimator="linear") for row in r["mrc"]]
+            cfg = {**r["config"], "mrc": {"estimator": "linear"}}
+            final = dict(r["final"], clean_acc=r["final"]["clean_acc"] - 10)
+            linear.append(dict(r, mrc=rows, config=cfg, final=final, _path=r["_path"] + ".linear"))
+    assert len(experiments(runs + linear)) == 1
+    t = table1(runs + linear)
+    k1 = t[(t["method"] == "rift") & (t["k"] == 1)].set_index("estimator")
+    assert k1.loc["exact", "clean_acc_mean"] == pytest.approx(83.0) and k1.loc["exact", "n"] == 3
+    assert k1.loc["linear", "clean_acc_mean"] == pytest.approx(73.0) and k1.loc["linear", "n"] == 3
+    assert "| RiFT (linear MRC) | 73.00 ± 2.00 |" in to_markdown(t, None, runs + linear)
+    fig = plot_interpolation([r for r in runs + linear if r["method"] in ("rift", "rift_bn")])
+    assert all(len(ax.lines) == 5 for ax in fig.get_axes())  # (rift, rift_bn) x (k=1, k=2) + linear rift k=1
+    assert {"RiFT, k=1 (n=3)", "RiFT, k=1 (linear MRC) (n=3)"} <= set(_legend_texts(fig))
+
+
+# ------------------------------------------------------------------------------ failed jobs, headings
+
+
+def test_failed_jobs_are_listed(sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (sweep / "98" / ".hydra").mkdir(parents=True)  # a job that failed before writing results.json
+    (sweep / "report" / "0" / ".hydra").mkdir(parents=True)  # inside the report folder: not a job
+    monkeypatch.chdir(tmp_path)
+    loaded = load([sweep], exclude=sweep / "report")
+    assert loaded.missing == [(sweep / "98").resolve()]
+    assert loaded.notes == [f"missing: sweep/98 ({MISSING_REASON})"]
+    assert MISSING_REASON == "no results.json; the job failed or is still running"
+    md = to_markdown(table1(loaded.runs), None, loaded.runs, loaded.notes)
+    assert md.rstrip().endswith(f"- missing: sweep/98 ({MISSING_REASON})")
+
+
+def test_layer_type_heading_follows_the_alphas(sweep: Path) -> None:
+    runs = load_runs([sweep], log=lambda _: None)
+    lt_runs = [r for r in runs if r["method"] in ("bn_only", "conv_linear_only", "full")]
+    assert final_model_text(lt_runs) == (
+        "final model after interpolation (alpha* chosen on the selection split from [0, 0.5, 1])"
+    )
+    as_tuned = [
+        dict(r, config={**r["config"], "interpolation": {"alphas": [1.0]}})
+        if r["method"] in ("bn_only", "conv_linear_only", "full")
+        else r
+        for r in runs
+    ]
+    md = to_markdown(table1(as_tuned), layer_types_table(as_tuned), as_tuned)
+    assert (
+        "## Fine-tuning by layer type (Figures 1-2): the fine-tuned model itself "
+        "(interpolation.alphas = [1.0]: no interpolation)"
+    ) in md
+    assert "after interpolation" not in md
+    one = [dict(r, config={**r["config"], "interpolation": {"alphas": [0.5]}}) for r in lt_runs]
+    assert final_model_text(one).startswith("the model interpolated at alpha = 0.5")
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -448,6 +676,7 @@ def test_make_report_writes_every_file(made: tuple) -> None:
 
 def test_cli(tmp_path: Path) -> None:
     sweep = build_sweep(tmp_path / "sweep")
+    (sweep / "99" / ".hydra").mkdir(parents=True)  # a failed job
     env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     out = tmp_path / "elsewhere"
     proc = subprocess.run(
@@ -462,6 +691,8 @@ def test_cli(tmp_path: Path) -> None:
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out.resolve()}"
     assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in proc.stdout
     assert "skipped fig_bn_kde_cifar10: --no-kde" in proc.stdout
+    missing = "missing: sweep/99 (no results.json; the job failed or is still running)"
+    assert missing in proc.stdout and missing in (out / "table1.md").read_text()
     for stem in ("fig_layer_types_cifar10", "fig_interpolation_cifar10", "fig_mrc_cifar10_rift_bn"):
         assert (out / f"{stem}.png").read_bytes()[:8] == PNG_MAGIC and (out / f"{stem}.pdf").is_file()
     assert (out / "table1.csv").is_file() and not (sweep / "report").exists()
@@ -472,17 +703,22 @@ def test_cli_errors_on_empty_folder(tmp_path: Path, capsys: pytest.CaptureFixtur
 
     assert main([str(tmp_path), "--no-kde", "--no-wandb"]) == 2
     assert "no complete results.json" in capsys.readouterr().err
+    (tmp_path / "0" / ".hydra").mkdir(parents=True)
+    assert main([str(tmp_path), "--no-kde", "--no-wandb"]) == 2
+    assert "(1 job folder(s) without one)" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ notebook
 
 
-def test_notebook_executes(sweep: Path) -> None:
+def test_notebook_executes(two_scales: Path) -> None:
+    """The notebook over two experiments and a failed job: each experiment's numbers, never pooled ones."""
+    (two_scales / "cpu" / "99" / ".hydra").mkdir(parents=True)
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(REPO / "notebooks" / "analysis.ipynb", as_version=4)
     old = {k: os.environ.get(k) for k in ("RIFT_BN_SWEEP", "RIFT_BN_KDE", "MPLBACKEND")}
-    os.environ.update({"RIFT_BN_SWEEP": str(sweep), "RIFT_BN_KDE": "0"})
+    os.environ.update({"RIFT_BN_SWEEP": str(two_scales), "RIFT_BN_KDE": "0"})
     os.environ.pop("MPLBACKEND", None)
     try:
         client = nbclient.NotebookClient(
@@ -498,6 +734,9 @@ def test_notebook_executes(sweep: Path) -> None:
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(images) >= 4  # layer types, interpolation, two MRC charts
-    text = json.dumps([o.get("data", {}) for o in outputs], ensure_ascii=False)
-    assert "83.00 ± 2.00" in text
+    assert len(images) >= 8  # per experiment: layer types, interpolation, two MRC charts
+    text = json.dumps(
+        [o.get("data", {}) for o in outputs] + [o.get("text", "") for o in outputs], ensure_ascii=False
+    )
+    assert "83.00 ± 2.00" in text and "93.00 ± 2.00" in text and "88.00" not in text
+    assert "scale=smoke" in text and "missing: " in text and "cpu/99 (no results.json" in text

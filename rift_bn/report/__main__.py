@@ -14,7 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m rift_bn.report",
         description="Gather every results.json below the given run/sweep folders and write Table 1 "
-        "(Markdown + CSV), Figures 1-3, MRC charts and interpolation curves into a report folder.",
+        "(Markdown + CSV), Figures 1-3, MRC charts and interpolation curves into a report folder. Runs are "
+        "averaged over seeds only within one experiment (same config up to the seed); several experiments "
+        "get separate table sections and figures. Duplicate jobs count once (the newest); job folders "
+        "without results.json are listed as missing.",
     )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep folders (searched recursively)")
     p.add_argument("--out", default=None, help="report folder (default: <first DIR>/report)")
