@@ -35,6 +35,17 @@ BOOLEANS = (
     "trainer.progress_bar",
 )
 _ABSENT = object()
+# Settings that change no number: a job (and a report's experiment) is the same wherever its data and
+# caches live and whatever it logs to. rift_bn.run drops them from the job key.
+NON_RESULT_KEYS: tuple[str, ...] = (
+    "logger",
+    "force",
+    "cache_dir",
+    "data.root",
+    "data.download",
+    "trainer.progress_bar",
+    "trainer.log_every_n_steps",
+)
 # model.width of the CPU-scale profiles (scale=cpu, smoke): a narrow network of each architecture.
 # ResNets count first-stage channels (64 standard), WideResNet its widen factor (10 standard).
 SMALL_WIDTH = {"resnet18": 16, "preact_resnet18": 16, "wrn34_10": 1}

@@ -32,15 +32,6 @@ from rift_bn.modules import AdversarialTraining, FineTuning
 from rift_bn.mrc import MRCProtocol, compute_mrc
 
 # Settings that change no number: left out of every cache key.
-NON_RESULT_KEYS = (  # settings that change no number: the same job wherever its data and caches live
-    "logger",
-    "force",
-    "cache_dir",
-    "data.root",
-    "data.download",
-    "trainer.progress_bar",
-    "trainer.log_every_n_steps",
-)
 
 
 def finetune_milestones(epochs: int, milestones: list[int] | None) -> tuple[int, ...]:

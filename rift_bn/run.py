@@ -25,12 +25,12 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from rift_bn import cache
-from rift_bn.config import ConfigError, validate
+from rift_bn.config import NON_RESULT_KEYS, ConfigError, validate
 from rift_bn.data import CIFARDataModule, DataError
 from rift_bn.interpolate import interpolate_state
 from rift_bn.models import candidate_modules
 from rift_bn.models.checkpoint import CheckpointError, file_sha256, save_state_dict
-from rift_bn.pipeline import NON_RESULT_KEYS, Run, deterministic_mode
+from rift_bn.pipeline import Run, deterministic_mode
 from rift_bn.report.summary import format_summary
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError, FileNotFoundError, FloatingPointError)

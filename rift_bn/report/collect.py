@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rift_bn.config import NON_RESULT_KEYS
+
 __all__ = [
     "DATASET_LABELS",
     "LAYER_TYPE_METHODS",
@@ -57,16 +59,6 @@ METHOD_LABELS: dict[str, str] = {
     "full": "Full",
 }
 DATASET_LABELS: dict[str, str] = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-# Same as rift_bn.pipeline.NON_RESULT_KEYS (a test keeps them equal; importing it would load Lightning).
-NON_RESULT_KEYS: tuple[str, ...] = (
-    "logger",
-    "force",
-    "cache_dir",
-    "data.root",
-    "data.download",
-    "trainer.progress_bar",
-    "trainer.log_every_n_steps",
-)
 # The table's own rows (and the stage): runs differing only here (and in seed) are one experiment.
 ROW_KEYS: tuple[str, ...] = (
     "seed",
