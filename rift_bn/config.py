@@ -234,6 +234,12 @@ def validate(cfg: DictConfig) -> None:
     """Refuse bad settings before any work starts (one-line ConfigError naming the setting)."""
     _choice(_get(cfg, "stage"), "stage", STAGES)
     _choice(_get(cfg, "data.name"), "data", DATASETS)
+    classes = {"cifar10": 10, "cifar100": 100}[cfg.data.name]
+    if _get(cfg, "data.num_classes", classes) != classes:  # informational: the data decide the count
+        raise ConfigError(
+            f"data.num_classes={_fmt(cfg.data.num_classes)}: {cfg.data.name} has {classes} classes; "
+            "drop the override (choose another dataset with data=...)"
+        )
     _choice(_get(cfg, "model.name"), "model", MODELS)
     _choice(_get(cfg, "method.name"), "method", METHODS)
     _choice(_get(cfg, "method.selection"), "method.selection", SELECTIONS)

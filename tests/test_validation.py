@@ -306,3 +306,11 @@ def test_ddp_batch_must_split_evenly_among_processes() -> None:
     msg = precheck([*base, "trainer.devices=2", "finetune.batch_size=65"])
     assert msg is not None and msg.startswith("finetune.batch_size=65:")
     assert precheck(["trainer.devices=3", "trainer.accelerator=cpu"]) is None  # no DDP, no split
+
+
+def test_num_classes_must_match_the_dataset() -> None:
+    from rift_bn.precheck import precheck
+
+    assert precheck(["data=cifar100"]) is None
+    msg = precheck(["data.num_classes=100"])
+    assert msg is not None and msg.startswith("data.num_classes=100: cifar10 has 10 classes")
