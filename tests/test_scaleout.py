@@ -154,3 +154,15 @@ def test_cache_computes_once_under_a_race(tmp_path) -> None:
     assert Path(log).read_text() == "computed\n"
     assert json.loads(Path(path).read_text()) == {"value": 42}
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # nothing torn or left behind
+
+
+def test_cache_files_follow_the_umask(tmp_path) -> None:
+    """A shared cache: entries are as readable as any file the user writes (mkstemp alone makes 0600)."""
+    import os
+    import stat
+
+    path = tmp_path / "entry.json"
+    cache.write_json(path, {"value": 1})
+    cache.save_tensors(tmp_path / "t.pt", {"x": 1})
+    for written in (path, tmp_path / "t.pt"):  # 0644 under the usual umask 022
+        assert stat.S_IMODE(os.stat(written).st_mode) == 0o666 & ~cache._UMASK
