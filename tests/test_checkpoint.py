@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from rift_bn.models import ResNet18, WideResNet, build_model
+from rift_bn.models import NormalizedModel, ResNet18, WideResNet, build_model
 from rift_bn.models.checkpoint import (
     CheckpointError,
     file_sha256,
@@ -133,6 +133,26 @@ def test_missing_num_batches_tracked_is_tolerated(tmp_path: Path) -> None:
     target = _source_model(seed=1)
     load_into(target, sd)
     assert torch.equal(target.net.conv1.weight, source.net.conv1.weight)
+
+
+def test_trades_wrn_checkpoint_with_its_unused_sub_block_imports(tmp_path: Path) -> None:
+    """TRADES/RiFT WideResNet checkpoints carry ``sub_block1.*`` (built, never used): ignored on import."""
+    torch.manual_seed(0)
+    source = WideResNet(depth=10, width=1)
+    published = {f"module.{k}": v for k, v in source.state_dict().items()}  # DataParallel-saved
+    extra = {
+        k.replace("block1.", "sub_block1.", 1): v + 1
+        for k, v in source.state_dict().items()
+        if k.startswith("block1.")
+    }
+    published |= {f"module.{k}": v for k, v in extra.items()}
+    path = tmp_path / "trades_wrn.pt"
+    torch.save(published, path)
+    target = NormalizedModel(WideResNet(depth=10, width=1))
+    load_into(target, read_state_dict(path))
+    assert all(torch.equal(v, target.net.state_dict()[k]) for k, v in source.state_dict().items())
+    with pytest.raises(CheckpointError, match="unexpected"):  # only that block is forgiven
+        load_into(target, {**source.state_dict(), "sub_block2.conv.weight": torch.zeros(1)})
 
 
 def test_architecture_mismatch(tmp_path: Path) -> None:

@@ -149,6 +149,8 @@ def load_into(model: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
     net = _net(model)
     arch = type(net).__name__
     expected = net.state_dict()
+    unused = tuple(getattr(net, "unused_checkpoint_prefixes", ()))  # e.g. TRADES WRN's sub_block1
+    state_dict = {k: v for k, v in state_dict.items() if not (unused and k.startswith(unused))}
     # BatchNorm fills a missing ``num_batches_tracked`` itself (very old checkpoints lack it).
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]

@@ -2,8 +2,8 @@
 
 Keys: ``conv1``, ``block1.layer.0.bn1``, ``block1.layer.0.conv1``, ``block1.layer.0.bn2``,
 ``block1.layer.0.conv2``, ``block1.layer.0.convShortcut`` (only where in/out channels differ) ...
-final ``bn1`` and ``fc``. The unused ``sub_block1`` of the TRADES code is omitted; published
-checkpoints that carry it need those keys dropped before loading.
+final ``bn1`` and ``fc``. The unused ``sub_block1`` of the TRADES code is omitted; the keys of published
+checkpoints that carry it are ignored on import (``unused_checkpoint_prefixes``).
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class WideResNet(StagedNet):
     groups = ("block1", "block2", "block3")
     stem_modules = ("conv1",)
     head_modules = ("bn1", "fc")
+    unused_checkpoint_prefixes = ("sub_block1.",)  # TRADES' WRN builds it but its forward never uses it
 
     def __init__(self, depth: int = 34, num_classes: int = 10, width: int = 10) -> None:
         super().__init__()
