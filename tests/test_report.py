@@ -731,3 +731,12 @@ def test_notebook_executes(two_scales: Path) -> None:
     )
     assert "83.00 ± 2.00" in text and "93.00 ± 2.00" in text and "88.00" not in text
     assert "scale=smoke" in text and "missing: " in text and "cpu/99 (no results.json" in text
+
+
+def test_wandb_disabled_logs_no_report_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sweep = build_sweep(tmp_path / "sweep", logger="wandb")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    lines: list[str] = []
+    report = make_report([sweep], kde=False, wandb=True, log=lines.append)
+    assert report.wandb_dir is None and not (report.out / "wandb").exists()
+    assert "W&B: not logged (WANDB_MODE=disabled)" in lines

@@ -247,6 +247,9 @@ def _log_wandb(report: Report, log: Callable[[str], None]) -> str | None:
     target = wandb_target(report.runs)
     if target is None:
         return None
+    if os.environ.get("WANDB_MODE") == "disabled":
+        log("W&B: not logged (WANDB_MODE=disabled)")
+        return None
     import wandb
 
     run = wandb.init(
