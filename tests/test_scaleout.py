@@ -7,6 +7,7 @@ import multiprocessing as mp
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,7 +130,9 @@ def test_parallel_launcher_matches_serial_sweep(tmp_path, cifar_root) -> None:
     assert _same_choices(runs) == _same_choices(serial)
 
 
-def _compute_once(path: str, log: str) -> None:
+def _compute_once(path: str, log: str, start: Any) -> None:
+    start.wait(60)  # all three reach the cache together: the lock, not the timing, must serialise them
+
     def compute() -> dict:
         with open(log, "a") as f:
             f.write("computed\n")
@@ -145,7 +148,8 @@ def _compute_once(path: str, log: str) -> None:
 def test_cache_computes_once_under_a_race(tmp_path) -> None:
     path, log = str(tmp_path / "entry.json"), str(tmp_path / "log")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_compute_once, args=(path, log)) for _ in range(3)]
+    start = ctx.Barrier(3)
+    procs = [ctx.Process(target=_compute_once, args=(path, log, start)) for _ in range(3)]
     for p in procs:
         p.start()
     for p in procs:
