@@ -247,6 +247,41 @@ def test_to_float() -> None:
 # --------------------------------------------------------------------------- (e) errors
 
 
+def test_download_is_checksum_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official tarball is fetched and checked against its MD5 before extraction (torchvision's
+    download path, network replaced by a local copy): a tarball that is not the official one is refused."""
+    import dataclasses
+    import hashlib
+    import shutil
+    import tarfile
+
+    import torchvision.datasets.utils as tvu
+
+    from rift_bn.data import cifar
+
+    src = _write_fake_cifar10(tmp_path / "src")
+    tarball = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    fetched: list[str] = []
+
+    def fetch(url: str, filename: str, chunk_size: int = 0) -> None:
+        fetched.append(url)
+        shutil.copy(tarball, filename)
+
+    monkeypatch.setattr(tvu, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tvu, "_urlretrieve", fetch)
+    with pytest.raises(DataError, match="download failed"):  # not the official bytes: wrong MD5
+        load_cifar("cifar10", tmp_path / "a", download=True)
+    assert (
+        fetched == [cifar.DATASETS["cifar10"].url] and not (tmp_path / "a" / "cifar-10-batches-py").exists()
+    )
+    md5 = hashlib.md5(tarball.read_bytes()).hexdigest()  # the same bytes, declared: accepted and read
+    monkeypatch.setitem(cifar.DATASETS, "cifar10", dataclasses.replace(cifar.DATASETS["cifar10"], md5=md5))
+    train_x, train_y, test_x, _ = load_cifar("cifar10", tmp_path / "b", download=True)
+    assert (len(train_x), len(test_x)) == (250, 40) and train_x.dtype == torch.uint8
+
+
 def test_missing_layout_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DataError, match="data.root") as e:
         load_cifar("cifar10", tmp_path, download=False)
