@@ -26,7 +26,7 @@ lint: install  ## ruff
 DATA ?= $(or $(RIFT_BN_DATA),data)
 JPEG := ../shared/data/cifar10-jpeg
 
-data:  ## CIFAR-10 layout under $(DATA): from the workspace's JPEG copy if present (else downloaded on first run)
+data: install  ## CIFAR-10 layout under $(DATA): from the workspace's JPEG copy if present (else downloaded on first run)
 	@if [ ! -d "$(DATA)/cifar-10-batches-py" ] && [ -f "$(JPEG)/to_cifar_layout.py" ]; then \
 		$(BIN)/python $(JPEG)/to_cifar_layout.py "$(DATA)"; fi
 
@@ -39,5 +39,5 @@ bench: install  ## performance ratios (docs/performance.md)
 gpu-check: install data  ## the GPU path on a GPU machine: bf16, channels_last, compile, MRC timings (-> gpu_check/)
 	DATA=$(abspath $(DATA)) PY=$(BIN)/python bash scripts/gpu_check.sh
 
-clean:  ## remove outputs (not the venv)
+clean:  ## remove outputs AND the cache (trained base models, MRC tables); not the venv or data
 	rm -rf outputs multirun .cache wandb gpu_check

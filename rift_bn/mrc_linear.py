@@ -392,6 +392,9 @@ def agree(paths: Sequence[str | Path]) -> str:
     """Rank agreement between ``compare`` results on different example sets of the same base: exact vs
     exact, linear vs linear, and each set's exact vs linear (per candidate set, Spearman / Kendall)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
+    for path, res in zip(paths, results, strict=True):
+        if not isinstance(res, dict) or not isinstance(res.get("sets"), dict):
+            raise ValueError(f"agree: {path} is not the --json output of mrc_linear compare")
     if any(set(res["sets"]) != set(results[0]["sets"]) for res in results):
         raise ValueError("agree: the results cover different candidate sets; run compare with one --kinds")
     lines = []

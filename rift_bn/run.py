@@ -97,6 +97,11 @@ def execute(cfg: DictConfig) -> Path:
         download=cfg.data.download,
     )
     dm.setup()
+    if cfg.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={cfg.trainer.accelerator}: no CUDA GPU is visible here; "
+            "use trainer=cpu (or trainer.accelerator=auto)"
+        )
     device, gpu = pick_device(cfg)
     run = Run(cfg, output_dir, device, dm, cache_dir, gpu=gpu)
     if cfg.stage == "finetune" and cfg.method.selection == "mrc":

@@ -8,9 +8,10 @@
 #  5. MRC run to run: trainer.deterministic=warn twice, false twice (MRC table recomputed each time).
 # Usage: OUT=gpu_check DATA=data bash scripts/gpu_check.sh   (DATA: a CIFAR-10 python layout, >= 3,000 images)
 # Env: PY (default python3), OUT (results: logs + JSON), DATA, DEV (cuda; cpu with SMALL=1 is a dry run).
+# Its own cache, always ($OUT/cache: it deletes MRC tables there); exit status 1 if any step failed.
 PY=${PY:-python3}; DEV=${DEV:-cuda}; OUT=${OUT:-gpu_check}; DATA=${DATA:-data}
-export PYTHONUNBUFFERED=1 RIFT_BN_CACHE=${RIFT_BN_CACHE:-$PWD/.cache/gpu_check} HYDRA_FULL_ERROR=1
-mkdir -p "$OUT"; RUNS=$(mktemp -d)
+mkdir -p "$OUT"; RUNS=$(mktemp -d); FAILED=0
+export PYTHONUNBUFFERED=1 RIFT_BN_CACHE=$(cd "$OUT" && pwd)/cache HYDRA_FULL_ERROR=1
 if [ "$DEV" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env.txt" 2>&1
   TR="trainer=gpu model.channels_last=true"; W=64
@@ -27,12 +28,13 @@ fi
 COMMON="data.root=$DATA data.download=false model.width=$W logger=csv $TR $SIZE"
 step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record exit status and wall seconds
   local name=$1 s; shift; s=$(date +%s)
-  "$@" > "$OUT/$name.log" 2>&1; echo "$name rc=$? $(( $(date +%s) - s )) s" | tee -a "$OUT/env.txt"
+  "$@" > "$OUT/$name.log" 2>&1; local rc=$?; [ $rc -ne 0 ] && FAILED=1
+  echo "$name rc=$rc $(( $(date +%s) - s )) s" | tee -a "$OUT/env.txt"
 }
 step rift_bn $PY -m rift_bn.run method=rift_bn k=1 $COMMON hydra.run.dir=$RUNS/rift_bn
 step rift $PY -m rift_bn.run method=rift k=1 $COMMON hydra.run.dir=$RUNS/rift
-for m in rift_bn rift; do cp "$RUNS/$m/results.json" "$OUT/${m}_results.json"; done
-CK=$(ls "$RIFT_BN_CACHE"/base/*.pt | head -1)
+for m in rift_bn rift; do cp "$RUNS/$m/results.json" "$OUT/${m}_results.json" || FAILED=1; done
+CK=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['base']['checkpoint'])" "$OUT/rift_bn_results.json")
 step compare $PY -m rift_bn.mrc_linear compare --checkpoint "$CK" --data-root "$DATA" --width $W --val-size $VS \
   --device $DEV --kinds both --json "$OUT/compare.json"
 BQ=""; [ -n "$SMALL" ] && BQ="--quick"
@@ -45,7 +47,7 @@ for r in warn_a warn_b false_a false_b; do
   rm -rf "$RIFT_BN_CACHE/mrc"
   step mrc_$r $PY -m rift_bn.run method=rift_bn k=1 $COMMON force=true trainer.deterministic=${r%_*} \
     hydra.run.dir=$RUNS/$r
-  cp "$RUNS/$r/results.json" "$OUT/mrc_$r.json"
+  cp "$RUNS/$r/results.json" "$OUT/mrc_$r.json" || FAILED=1
 done
 $PY - "$OUT" <<'PY' | tee -a "$OUT/env.txt"
 import json, sys
@@ -57,4 +59,6 @@ for a, b in (("warn_a", "warn_b"), ("false_a", "false_b"), ("warn_a", "false_a")
     same = sorted(m[a], key=m[a].get) == sorted(m[b], key=m[b].get)
     print(f"mrc {a} vs {b}: {'identical' if m[a] == m[b] else f'max rel diff {d:.2e}'}, ranking {'same' if same else 'differs'}")
 PY
+[ "${PIPESTATUS[0]}" -eq 0 ] || FAILED=1
 rm -rf "$RUNS"
+exit $FAILED

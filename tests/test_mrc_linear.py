@@ -307,9 +307,11 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) 
     rows = [{"name": n, "exact": 1.0, "linear": 2.0} for n in ("a", "b")]
     for name, kinds in (("rift", "rift"), ("both", "rift_bn")):
         (tmp_path / f"{name}.json").write_text(json.dumps({"sets": {kinds: {"rows": rows}}}))
+    (tmp_path / "other.json").write_text(json.dumps({"stage": "finetune"}))  # e.g. a results.json
     cases = [
         (["agree", str(tmp_path / "rift.json"), str(tmp_path / "both.json")], "different candidate sets"),
         (["agree", str(tmp_path / "rift.json"), str(tmp_path / "missing.json")], "missing.json"),
+        (["agree", str(tmp_path / "rift.json"), str(tmp_path / "other.json")], "not the --json output"),
         (["compare", "--checkpoint", str(tmp_path / "no.pt"), "--data-root", str(tmp_path)], "--checkpoint"),
     ]
     for argv, needle in cases:

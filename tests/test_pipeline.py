@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from rift_bn.data import CIFARDataModule
@@ -120,6 +121,14 @@ def test_k_above_candidates_is_a_one_line_error(cli) -> None:
     assert lines[-1].startswith("error: k=99:") and "21" in lines[-1]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not list(cli.tmp.rglob("results.json")) and not (cli.cache / "base").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_gpu_trainer_without_a_gpu_is_a_one_line_error(cli) -> None:
+    proc = cli("trainer=gpu", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: trainer.accelerator=gpu: no CUDA GPU")
+    assert not (cli.cache / "base").exists() and not (cli.cache / "mrc").exists()  # before any work
 
 
 def test_final_model_matches_its_checkpoint(cli) -> None:

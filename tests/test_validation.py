@@ -305,7 +305,9 @@ def test_ddp_batch_must_split_evenly_among_processes() -> None:
     )
     msg = precheck([*base, "trainer.devices=2", "finetune.batch_size=65"])
     assert msg is not None and msg.startswith("finetune.batch_size=65:")
-    assert precheck(["trainer.devices=3", "trainer.accelerator=cpu"]) is None  # no DDP, no split
+    msg = precheck(["trainer.devices=3", "trainer.accelerator=cpu"])  # Lightning picks DDP for 3 devices
+    assert msg is not None and msg.startswith("at.batch_size=128:")
+    assert precheck(["trainer.devices=1", "trainer.accelerator=cpu"]) is None
 
 
 def test_num_classes_must_match_the_dataset() -> None:
