@@ -167,9 +167,8 @@ def _validate_trainer(cfg: DictConfig) -> None:
     _whole(_get(cfg, "trainer.log_every_n_steps"), "trainer.log_every_n_steps", 1)
     devices = _get(cfg, "trainer.devices")
     count = len(devices) if isinstance(devices, ListConfig | list) else devices if _is_whole(devices) else 0
-    # several processes (trainer=ddp, or devices > 1, for which Lightning picks DDP itself)
-    if ("ddp" in str(_get(cfg, "trainer.strategy", "auto")) and count >= 1) or count > 1:  # type: ignore[operator]
-        world = count * _get(cfg, "trainer.num_nodes")  # a training batch is split among the processes
+    world = count * _get(cfg, "trainer.num_nodes")  # processes (Lightning runs DDP for several devices)
+    if world > 1:  # a training batch is split among the processes
         for key in ("at.batch_size", "finetune.batch_size"):
             size = _get(cfg, key)
             if _is_whole(size) and size % world:
