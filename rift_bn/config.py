@@ -219,11 +219,13 @@ def _validate_sizes(cfg: DictConfig) -> None:
             _whole(value, key, 1, " or null for all")
     _whole(_get(cfg, "mrc.epochs"), "mrc.epochs", 1, " (number of epochs)")
     _whole(_get(cfg, "mrc.batch_size"), "mrc.batch_size", 1)
+    if (steps := _get(cfg, "mrc.steps_per_epoch")) is not None:
+        _whole(steps, "mrc.steps_per_epoch", 1, " (RiFT: 20) or null for one pass over the set")
     _whole(_get(cfg, "eval.batch_size"), "eval.batch_size", 1)
     num = _get(cfg, "mrc.num_examples")
     if num is not None:
         _whole(num, "mrc.num_examples", 1, " or null for the whole selection split")
-        if num > val_size:
+        if num > val_size and _get(cfg, "data.selection_source") == "train_holdout":
             raise ConfigError(
                 f"mrc.num_examples={num}: larger than the selection split (data.val_size={val_size}); "
                 "lower it, raise data.val_size, or set mrc.num_examples=null for the whole split"
@@ -252,6 +254,14 @@ def validate(cfg: DictConfig) -> None:
     _validate_trainer(cfg)
     _choice(_get(cfg, "finetune.bn_stats"), "finetune.bn_stats", ("selected", "all", "none"))
     _choice(_get(cfg, "mrc.estimator"), "mrc.estimator", ("exact", "linear"))
+    _choice(_get(cfg, "at.attack_bn_mode"), "at.attack_bn_mode", ("train", "eval"))
+    _choice(_get(cfg, "data.selection_source"), "data.selection_source", ("train_holdout", "test_half"))
+    precision = _get(cfg, "eval.precision")
+    if precision not in PRECISIONS or not isinstance(precision, str):
+        raise ConfigError(
+            f"eval.precision={_fmt(precision)}: unsupported; choose one of {', '.join(PRECISIONS)} "
+            "(32-true, the default, evaluates in float32)"
+        )
     for key in (*BOOLEANS, "mrc.linear_step"):
         value = _get(cfg, key, False if key == "mrc.linear_step" else _ABSENT)
         if not isinstance(value, bool):
@@ -285,6 +295,12 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"interpolation.alphas={_fmt(alphas)}: need a non-empty list of numbers in [0, 1], "
             "e.g. interpolation.alphas=[0,0.5,1]"
+        )
+    if len(alphas) > 1 and 0 not in alphas:  # one alpha: that model as it is (layer_types: [1.0])
+        raise ConfigError(
+            f"interpolation.alphas={_fmt(alphas)}: must include 0 (the base model, which the alpha* rule "
+            f"falls back to when no other point keeps its robust accuracy); e.g. "
+            f"interpolation.alphas=[0,{','.join(_fmt(a) for a in alphas)}]"
         )
     checkpoint = _get(cfg, "base.checkpoint")
     if checkpoint is not None:

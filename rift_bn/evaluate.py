@@ -13,12 +13,14 @@ from rift_bn.data import to_float
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context for a Lightning precision string ('32-true', 'bf16-mixed', '16-mixed')."""
+    """The autocast context for a Lightning precision string ('32-true', 'bf16-mixed', '16-mixed').
+
+    '32-true' switches autocast off, so float32 evaluation stays float32 even inside a bf16 Trainer."""
     if precision.startswith("bf16"):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     if precision.startswith("16"):
         return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 @torch.no_grad()

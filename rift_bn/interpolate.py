@@ -27,7 +27,12 @@ def interpolate_state(base: dict[str, Tensor], tuned: dict[str, Tensor], alpha: 
 def choose_alpha(
     curve: Sequence[dict[str, float]], base_robust_acc: float, tolerance: float
 ) -> dict[str, float]:
-    """Best clean accuracy among the points whose robust accuracy >= base - tolerance (ties: more robust)."""
+    """Best clean accuracy among the points whose robust accuracy >= base - tolerance (ties: more robust).
+
+    The curve holds alpha = 0 (the base, which meets the rule by definition; the config refuses lists
+    without it), or a single point, which is returned as it is (``+experiment=layer_types``: alpha 1)."""
+    if len(curve) == 1:
+        return curve[0]
     ok = [p for p in curve if p["robust_acc"] >= base_robust_acc - tolerance] or [
         min(curve, key=lambda p: p["alpha"])
     ]

@@ -71,6 +71,25 @@ class SummaryTensorBoardLogger(_LastStep, TensorBoardLogger):
         super().log_metrics(metrics, step)
 
 
+class QuietWandbLogger(WandbLogger):
+    """Lightning's WandbLogger without its two side effects on current wandb: it always passes
+    ``anonymous`` to ``wandb.init`` (which warns "The anonymous setting has no effect" on every run), and
+    ``offline=True`` sets ``WANDB_MODE=dryrun`` in the environment, which then reads back into every later
+    config (``logger.mode: dryrun``). Give ``mode=`` (``offline``, ``online``, ...) instead of ``offline``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    """The W&B mode of a run: ``WANDB_MODE`` if set, else ``logger.mode``; the legacy ``dryrun`` reads as
+    ``offline`` (what it means), so configs and README agree."""
+    mode = os.environ.get("WANDB_MODE") or str(cfg.logger.get("mode") or "offline")
+    return "offline" if mode == "dryrun" else mode
+
+
 def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | None:
     """The logger chosen by ``logger=``; W&B runs are grouped by sweep, typed by stage, tagged by setting."""
     name = cfg.logger.name
@@ -80,8 +99,10 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
         return SummaryCSVLogger(save_dir=str(output_dir), name=f"csv-{job_type}")
     if name == "tensorboard":
         return SummaryTensorBoardLogger(save_dir=str(output_dir), name=f"tb-{job_type}")
-    mode = os.environ.get("WANDB_MODE") or cfg.logger.mode
-    return WandbLogger(
+    mode = wandb_mode(cfg)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["logger"]["mode"] = mode  # type: ignore[index]
+    return QuietWandbLogger(
         project=cfg.logger.project,
         entity=cfg.logger.get("entity"),
         save_dir=str(output_dir),
@@ -89,9 +110,8 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
         group=run_group(cfg, output_dir),
         job_type=job_type,
         tags=run_tags(cfg, job_type),
-        offline=mode == "offline",
         mode=mode,
-        config=OmegaConf.to_container(cfg, resolve=True),
+        config=config,
         log_model=False,
     )
 
@@ -140,6 +160,9 @@ def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
         | {
             "selected": [s["name"] for s in results.get("selected", [])],
             "mrc_source": results.get("mrc_source"),
+            "bn_stats": results.get("bn_stats"),
+            "data_fingerprint": results.get("data_fingerprint"),
+            "selection_held_out": results.get("selection_held_out"),
         }
     )
     if results.get("mrc"):

@@ -1,7 +1,9 @@
 """Module robust criticality (MRC, Zhu et al. ICCV 2023), with BatchNorm layers as candidates.
 
 For a candidate module M, starting from the base weights every time and changing only M, run plain
-SGD gradient *ascent* on the cross-entropy over a fixed set of adversarial examples; after each
+SGD gradient *ascent* on the cross-entropy over a fixed set of adversarial examples, ``steps_per_epoch``
+batches per epoch (RiFT's code: 10,000 examples in shuffled batches of 512, 20 steps; over a smaller set
+the batches cycle through it, reshuffled each pass; ``None`` = one pass per epoch); after each
 epoch project the change so that ||dW|| <= epsilon * ||W|| per parameter tensor, then measure the
 loss over the whole set. MRC(M) = max over epochs of that loss - the base loss. The model stays in
 eval mode throughout. Conv/Linear perturb ``weight``; BatchNorm perturbs ``weight`` and ``bias``.
@@ -18,8 +20,9 @@ for tests and the benchmark (``python -m rift_bn.bench``).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -39,14 +42,19 @@ class MRCProtocol:
     epochs: int = 10
     lr: float = 1.0
     batch_size: int = 512
-    shuffle: bool = False
+    shuffle: bool = True
     seed: int = 0
+    steps_per_epoch: int | None = 20  # None: one pass over the set per epoch
     eval_batch_size: int = 1024
 
     def key(self) -> dict:
         d = asdict(self)
         d.pop("eval_batch_size")  # changes nothing but speed
         return d
+
+    def steps(self, n: int) -> int:
+        """Ascent steps per epoch over ``n`` examples: ``steps_per_epoch``, or one pass."""
+        return self.steps_per_epoch if self.steps_per_epoch is not None else math.ceil(n / self.batch_size)
 
 
 def perturbed_params(module: nn.Module, kind: str) -> list[nn.Parameter]:
@@ -65,19 +73,33 @@ def project_(params: Sequence[Tensor], originals: Sequence[Tensor], epsilon: flo
             p.copy_(p0 + diff * (bound / norm))
 
 
-def _batches(n: int, batch_size: int, shuffle: bool, generator: torch.Generator) -> list[Tensor]:
-    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    return list(order.split(batch_size))
-
-
 Index = slice | Tensor
 
 
-def _order(n: int, proto: MRCProtocol, generator: torch.Generator, device: torch.device) -> list[Index]:
-    """One epoch's batches: slices (views, no copy) in order, or the same permutations as ``_batches``."""
-    if proto.shuffle:
-        return list(torch.randperm(n, generator=generator).to(device).split(proto.batch_size))
-    return [slice(i, min(i + proto.batch_size, n)) for i in range(0, n, proto.batch_size)]
+def batch_stream(n: int, proto: MRCProtocol, device: torch.device | str = "cpu") -> Iterator[Index]:
+    """The ascent's batches, endlessly: pass after pass over the ``n`` examples, each pass (with
+    ``shuffle``) a fresh seeded permutation split into batches of ``batch_size`` (the last one smaller),
+    as a shuffling DataLoader gives them; without ``shuffle`` slices in order (views, no copy). An epoch
+    takes the next ``proto.steps(n)`` batches, so RiFT's 20 steps over a smaller set cycle through it."""
+    generator = torch.Generator().manual_seed(proto.seed)
+    while True:
+        if proto.shuffle:
+            yield from torch.randperm(n, generator=generator).to(device).split(proto.batch_size)
+        else:
+            yield from (slice(i, min(i + proto.batch_size, n)) for i in range(0, n, proto.batch_size))
+
+
+def _epoch(stream: Iterator[Index], n: int, proto: MRCProtocol) -> list[Index]:
+    return list(itertools.islice(stream, proto.steps(n)))
+
+
+def _rest(first: Index, n: int, size: int, device: torch.device) -> list[Index]:
+    """Chunks of every example outside batch ``first`` (the rest of an evaluation over the set)."""
+    if isinstance(first, slice):
+        return _chunks(slice(0, first.start), size) + _chunks(slice(first.stop, n), size)
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    keep[first] = False
+    return _chunks(keep.nonzero().squeeze(1), size)
 
 
 def _take(inputs: Sequence[Tensor], idx: Index) -> list[Tensor]:
@@ -87,7 +109,7 @@ def _take(inputs: Sequence[Tensor], idx: Index) -> list[Tensor]:
 def _chunks(idx: Index, size: int) -> list[Index]:
     if isinstance(idx, slice):
         return [slice(i, min(i + size, idx.stop)) for i in range(idx.start, idx.stop, size)]
-    return list(idx.split(size))
+    return list(idx.split(size)) if len(idx) else []
 
 
 @torch.no_grad()
@@ -146,8 +168,8 @@ def _ascent(
     """
     n = len(y)
     originals = [p.detach().clone() for p in params]
-    generator = torch.Generator().manual_seed(proto.seed)
-    order = _order(n, proto, generator, y.device)
+    stream = batch_stream(n, proto, y.device)
+    order = _epoch(stream, n, proto)
     pending: Tensor | None = None  # mean loss of order[0] at the current parameters, with its graph
     best_loss, best_acc, best_epoch = -math.inf, math.nan, 0
     try:
@@ -167,7 +189,7 @@ def _ascent(
                 total = torch.zeros((), dtype=torch.float64, device=y.device)
                 correct = torch.zeros((), dtype=torch.int64, device=y.device)
                 if epoch < proto.epochs:
-                    order = _order(n, proto, generator, y.device)
+                    order = _epoch(stream, n, proto)
                     first = order[0]
                     with torch.enable_grad():
                         logits = forward(*_take(inputs, first))
@@ -176,10 +198,7 @@ def _ascent(
                         pending = ce.mean()
                     total += ce.detach().double().sum()
                     correct += (logits.detach().argmax(1) == y[first]).sum()
-                    if isinstance(first, slice):
-                        rest = _chunks(slice(first.stop, n), proto.eval_batch_size)
-                    else:
-                        rest = [c for idx in order[1:] for c in _chunks(idx, proto.eval_batch_size)]
+                    rest = _rest(first, n, proto.eval_batch_size, y.device)
                 t, c = _sums(lambda idx: forward(*_take(inputs, idx)), y, rest)
                 loss_e, acc_e = (total + t).item() / n, 100.0 * int(correct + c) / n
             _check_finite(loss_e, name, epoch)
@@ -207,13 +226,14 @@ def _ascent_reference(
     ``backward()`` (every parameter requires grad), plain SGD on ``-loss`` over the module's tensors; per
     epoch projection, then an evaluation."""
     originals = [p.detach().clone() for p in params]
-    generator = torch.Generator().manual_seed(proto.seed)
+    stream = batch_stream(len(y), proto)
     optimizer = torch.optim.SGD(params, lr=proto.lr)
     best_loss, best_acc, best_epoch = -math.inf, base_acc, 0
     try:
         for epoch in range(1, proto.epochs + 1):
-            for idx in _batches(len(y), proto.batch_size, proto.shuffle, generator):
-                idx = idx.to(y.device)
+            for idx in itertools.islice(stream, proto.steps(len(y))):
+                if isinstance(idx, Tensor):
+                    idx = idx.to(y.device)
                 (forward if isinstance(forward, nn.Module) else optimizer).zero_grad(set_to_none=True)
                 with torch.enable_grad():
                     (-F.cross_entropy(forward(h[idx]), y[idx])).backward()

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from rift_bn import cache
 from rift_bn.attacks import PGD
@@ -30,8 +30,7 @@ from rift_bn.models import build_model
 from rift_bn.models.checkpoint import CheckpointError, load_into, read_state_dict, save_state_dict
 from rift_bn.modules import AdversarialTraining, FineTuning
 from rift_bn.mrc import MRCProtocol, compute_mrc
-
-# Settings that change no number: left out of every cache key.
+from rift_bn.sync_bn import BatchNormSync
 
 
 def finetune_milestones(epochs: int, milestones: list[int] | None) -> tuple[int, ...]:
@@ -39,13 +38,14 @@ def finetune_milestones(epochs: int, milestones: list[int] | None) -> tuple[int,
     return tuple(milestones) if milestones is not None else (max(1, epochs // 2),)
 
 
-def make_attack(acfg: DictConfig, prefix: str = "attack") -> PGD:
+def make_attack(acfg: DictConfig, prefix: str = "attack", train_mode: bool = False) -> PGD:
     return PGD(
         eps=pixels(acfg.eps, f"{prefix}.eps"),
         alpha=pixels(acfg.alpha, f"{prefix}.alpha"),
         steps=int(acfg.steps),
         random_start=bool(acfg.random_start),
         restarts=int(acfg.get("restarts", 1)),
+        train_mode=train_mode,
     )
 
 
@@ -118,6 +118,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     gpu: int | None = None  # the GPU this job is pinned to (hydra/launcher=parallel)
     loggers: dict[str, Any] = field(default_factory=dict)  # open experiment loggers by stage
+    resumed: dict[str, dict | None] = field(default_factory=dict)  # stage -> None or where it resumed
 
     @property
     def rank(self) -> int:
@@ -139,8 +140,31 @@ class Run:
         }
 
     def split_key(self) -> dict:
+        """What decides the data a stage sees: the dataset, the split and the loaded images themselves."""
         d = self.cfg.data
-        return {"data": d.name, "val_size": d.val_size, "seed": self.cfg.seed}
+        return {
+            "data": d.name,
+            "val_size": d.val_size,
+            "seed": self.cfg.seed,
+            "selection_source": d.selection_source,
+            "data_fingerprint": self.dm.fingerprint,
+        }
+
+    def processes(self) -> int:
+        """Training processes (DDP world size) of the trainer config; 1 without DDP."""
+        t = self.cfg.trainer
+        if self.gpu is not None:
+            return 1
+        devices = t.devices
+        if isinstance(devices, ListConfig):
+            count = len(devices)
+        elif isinstance(devices, str) and devices != "auto":
+            count = len([d for d in devices.split(",") if d.strip()])
+        elif isinstance(devices, int) and devices == -1:
+            count = torch.cuda.device_count()
+        else:
+            count = devices if isinstance(devices, int) else 1
+        return max(1, count) * int(t.num_nodes)
 
     def new_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -173,13 +197,19 @@ class Run:
             deterministic=t.deterministic,
             log_every_n_steps=t.log_every_n_steps,
             default_root_dir=str(self.output_dir),
+            plugins=[BatchNormSync()],  # DDP: BN statistics of the whole step (sync_batchnorm, CPU too)
         )
 
-    def fit(self, trainer: L.Trainer, module: L.LightningModule, work_dir: Path) -> None:
-        """Fit, resuming from ``work_dir/last.ckpt`` after an interruption; DDP ranks > 0 end here."""
+    def fit(self, stage: str, trainer: L.Trainer, module: L.LightningModule, work_dir: Path) -> None:
+        """Fit, resuming from ``work_dir/last.ckpt`` after an interruption (recorded in ``resumed``);
+        DDP ranks > 0 end here."""
         last = work_dir / "last.ckpt"
-        if last.exists() and self.rank == 0:
-            print(f"resuming from {last}", flush=True)
+        self.resumed[stage] = None
+        if last.exists():
+            done = len(torch.load(last, map_location="cpu", weights_only=True).get("history", []))
+            self.resumed[stage] = {"after_epoch": done, "checkpoint": str(last)}
+            if self.rank == 0:
+                print(f"resuming from {last} (after epoch {done})", flush=True)
         with ddp_relaunch(trainer, self.output_dir):
             trainer.fit(
                 module, datamodule=self.dm, ckpt_path=str(last) if last.exists() else None, weights_only=True
@@ -203,7 +233,7 @@ class Run:
                 self.dm.num_classes,
                 self.cfg.eval.batch_size,
                 self.device,
-                self.cfg.trainer.precision,
+                self.cfg.eval.precision,
                 autoattack_eps=pixels(self.cfg.attack.eps, "attack.eps") if autoattack else None,
             )
 
@@ -220,6 +250,9 @@ class Run:
                 "train_subset": c.data.train_subset,
                 "model": self.plain("model")["model"] | {"compile": None, "channels_last": None},
                 "trainer.precision": c.trainer.precision,
+                "eval.precision": c.eval.precision,  # the validation that picks the best epoch
+                "processes": self.processes(),  # DDP: synchronised BN statistics, another float order
+                "device": self.device.type,
             }
         )
         path = (
@@ -257,7 +290,7 @@ class Run:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         module = AdversarialTraining(
             self.new_model(),
-            make_attack(cfg.at.attack, "at.attack"),
+            make_attack(cfg.at.attack, "at.attack", train_mode=cfg.at.attack_bn_mode == "train"),
             make_attack(cfg.attack),
             self.dm.num_classes,
             lr=cfg.at.lr,
@@ -266,13 +299,14 @@ class Run:
             milestones=tuple(cfg.at.milestones),
             gamma=cfg.at.gamma,
             channels_last=cfg.model.channels_last,
+            eval_precision=cfg.eval.precision,
         )
         if cfg.model.compile:
             module.model.net.compile()
         self.dm.batch_size = cfg.at.batch_size
         with self.timed("adversarial_training"):
             trainer = self.trainer(cfg.at.epochs, work, logger, [])
-            self.fit(trainer, module, work)
+            self.fit("at", trainer, module, work)
         best = module.best_state or {k: v.cpu() for k, v in module.model.net.state_dict().items()}
         model = self.new_model()
         model.net.load_state_dict(best)
@@ -280,6 +314,7 @@ class Run:
             "best_epoch": module.best_epoch,
             "best_val_robust_acc": module.best_robust_acc,
             "history": module.history,
+            "resumed": self.resumed.get("at"),
             "seconds": self.timings["adversarial_training"],
             "config": self.plain("at", "data", "model"),
         }
@@ -304,6 +339,7 @@ class Run:
             batch_size=m.batch_size,
             shuffle=m.shuffle,
             seed=self.cfg.seed,
+            steps_per_epoch=m.steps_per_epoch,
         )
 
     def mrc_path(self, ckpt_hash: str) -> Path:
@@ -417,13 +453,14 @@ class Run:
             milestones=milestones,
             gamma=f.gamma,
             channels_last=cfg.model.channels_last,
+            eval_precision=cfg.eval.precision,
         )
         if cfg.model.compile:
             module.model.net.compile()
         self.dm.batch_size = f.batch_size
         with self.timed("finetune"):
             L.seed_everything(cfg.seed, workers=True, verbose=False)
-            self.fit(self.trainer(f.epochs, work, logger, [selection]), module, work)
+            self.fit("finetune", self.trainer(f.epochs, work, logger, [selection]), module, work)
         return module, selection.selected
 
     def close_logger(self, stage: str, results: dict | None = None) -> None:
@@ -436,18 +473,17 @@ class Run:
 
     # ---- stage: interpolation and report ----------------------------------------------------------
     def interpolate(
-        self, base: torch.nn.Module, tuned: torch.nn.Module, base_val: dict, last_val: dict | None
+        self, base: torch.nn.Module, tuned: torch.nn.Module, base_val: dict
     ) -> tuple[list[dict], dict]:
-        """Selection-split accuracy along theta(a); alpha* by the tolerance rule (DESIGN step 7)."""
+        """Selection-split accuracy along theta(a), every point evaluated alike (same seeded random
+        starts, float32); alpha* by the tolerance rule (DESIGN step 7)."""
         base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
         probe = copy.deepcopy(base)
         curve = []
         with self.timed("interpolation"):
             for a in sorted(float(a) for a in self.cfg.interpolation.alphas):
                 if a == 0.0:
-                    point = base_val  # theta(0) is the base model, exactly
-                elif a == 1.0 and last_val is not None:
-                    point = last_val  # theta(1): the fine-tuned model, validated after its last epoch
+                    point = base_val  # theta(0) is the base model exactly, evaluated the same way
                 else:
                     probe.load_state_dict(interpolate_state(base_sd, tuned_sd, a))
                     point = self.evaluate(probe, self.dm.val_x, self.dm.val_y, self.cfg.seed + 3)
@@ -458,11 +494,11 @@ class Run:
     def eval_path(self, ckpt_hash: str, split: str) -> Path:
         """Cache file of base ``ckpt_hash``'s evaluation on ``split``: "val" (selection) or "test"."""
         c = self.cfg
-        # evaluation runs under the precision's autocast, so the precision is part of the numbers
+        # evaluation runs under eval.precision's autocast, so the precision is part of the numbers
         key: dict = {
             "ckpt": ckpt_hash,
             "attack": self.plain("attack")["attack"],
-            "precision": c.trainer.precision,
+            "precision": c.eval.precision,
         }
         if split == "val":
             key |= self.split_key()
@@ -470,6 +506,8 @@ class Run:
             key |= {
                 "data": c.data.name,
                 "test_subset": c.data.test_subset,
+                "selection_source": c.data.selection_source,
+                "data_fingerprint": self.dm.fingerprint,
                 "aa": c.eval.autoattack,
                 "seed": c.seed,
             }

@@ -1,5 +1,9 @@
 """Check a command line before Hydra runs it: composition errors and bad settings as one-line messages.
 
+Without ``-m``, a comma list (``k=1,2``) or a sweep experiment (``+experiment=topk``) is refused: Hydra would
+fail in several lines, or silently run one default job of the sweep. A misspelt key names the nearest
+valid one (difflib over the composed config's dotted keys and the config groups).
+
 A multirun is checked job by job: every combination of the swept values (up to ``MAX_JOBS``), else
 each value of each sweep with the other sweeps at their first value. The config is composed once per
 distinct set of fixed and config-group overrides; swept plain values are applied to a copy of it the
@@ -16,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -149,17 +153,113 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
         return f"{key}: {first}; check this setting (`python -m rift_bn.run --cfg job` lists every key)"
     if key:
         given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+        near = _nearest(key, overrides)
+        hint = f"check the spelling: did you mean {near}? " if near else "check the spelling "
         return (
-            f"{given}: no such setting; check the spelling "
+            f"{given}: no such setting; {hint}"
             "(`python -m rift_bn.run --cfg job` lists every key; add new keys with +key=value)"
         )
     return first
+
+
+def _nearest(key: str, overrides: list[str]) -> str | None:
+    """:func:`suggest` over the keys of the config this command line composes (without ``key``)."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return suggest(key, _valid_keys(compose, overrides, key))
+    except Exception:  # noqa: BLE001 - a hint must never hide the error it comes with
+        return None
+
+
+def _needs_multirun(parsed: list[Override]) -> None:
+    """Without ``-m``: a swept value (``k=1,2``) is refused, one line naming the fix."""
+    swept = next((o for o in parsed if o.is_sweep_override()), None)
+    if swept is not None:
+        raise _Refused(
+            f"{swept.input_line}: several values make a sweep; add -m to run one job per value "
+            "(or give one value)"
+        )
+
+
+def _single_job(
+    compose: Callable[..., DictConfig], parsed: list[Override]
+) -> Callable[[list[str]], DictConfig]:
+    """``compose`` for a command line without ``-m``: refuses a config that sweeps (``+experiment=topk``
+    sets ``hydra.sweeper.params``) unless the command line fixes every swept key, since Hydra would
+    silently run one default job of the sweep."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    parser = OverridesParser.create()
+
+    def compose_job(job: list[str]) -> DictConfig:
+        cfg = compose("config", overrides=job, return_hydra_config=True)
+        params = OmegaConf.select(cfg, "hydra.sweeper.params")
+        plain = OmegaConf.to_container(params, resolve=False) if isinstance(params, DictConfig) else {}
+        swept = [
+            f"{key}={value}"
+            for key, value in plain.items()  # type: ignore[union-attr]
+            if key not in given and parser.parse_override(f"{key}={value}").is_sweep_override()
+        ]
+        if swept:
+            experiment = next(
+                (o.input_line for o in parsed if o.get_key_element().lstrip("+") == "experiment"), ""
+            )
+            raise _Refused(
+                f"{experiment or 'this config'} is a sweep over {' '.join(swept)}: add -m to run it "
+                f"(or fix {', '.join(s.split('=')[0] + '=...' for s in swept)} to run one job)"
+            )
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    return compose_job
+
+
+def _valid_keys(compose: Callable[..., DictConfig], overrides: list[str], bad: str) -> list[str]:
+    """The dotted keys (and config groups) of the config the command line composes without ``bad``."""
+    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != bad and "," not in o]
+    for attempt in (keep, []):
+        try:
+            cfg = compose("config", overrides=attempt)
+            break
+        except Exception:  # noqa: BLE001 - another bad override: fall back to the default config
+            continue
+    else:
+        return sorted(GROUPS)
+    keys: list[str] = []
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                keys.append(f"{prefix}{k}")
+                walk(v, f"{prefix}{k}.")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return sorted(set(keys) | GROUPS)
+
+
+def suggest(key: str, keys: list[str]) -> str | None:
+    """The valid key nearest to a misspelt one (``mrc.epoch`` -> ``mrc.epochs``), if any is close."""
+    import difflib
+
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    # first among the keys of the same section, then anywhere (``mrc.epoch`` -> ``mrc.epochs``)
+    same = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
+    for pool, cutoff in ((same, 0.6), (keys, 0.75)):
+        close = difflib.get_close_matches(key, pool, n=1, cutoff=cutoff)
+        if close and close[0] != key:
+            return close[0]
+    return None
 
 
 def precheck(argv: list[str]) -> str | None:
     """None if every job of the command line composes and validates, else the one-line reason."""
     if any(a.startswith("-") and a not in PLAIN_FLAGS for a in argv):
         return None  # --cfg, --help, --config-name ...: Hydra's own business
+    multirun = any(a in PLAIN_FLAGS for a in argv)
     overrides = [a for a in argv if a not in PLAIN_FLAGS]
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -176,7 +276,11 @@ def precheck(argv: list[str]) -> str | None:
                 for o in parser.parse_overrides(overrides)
                 if not o.get_key_element().lstrip("+~").startswith("hydra")
             ]
-            _check_jobs(parsed, lambda job: compose("config", overrides=job), validate)
+            if multirun:
+                _check_jobs(parsed, lambda job: compose("config", overrides=job), validate)
+            else:
+                _needs_multirun(parsed)
+                _check_jobs(parsed, _single_job(compose, parsed), validate)
     except (ConfigError, _Refused) as e:
         return str(e)
     except (HydraException, OmegaConfBaseException, ValueError, KeyError) as e:

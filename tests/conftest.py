@@ -135,3 +135,29 @@ def of_selected(r: dict, keys: set[str]) -> bool:
     """Whether every key belongs to one of the run's selected modules."""
     prefixes = tuple(s["name"] + "." for s in r["selected"])
     return all(k.startswith(prefixes) for k in keys)
+
+
+def reevaluate(r: dict, which: str = "final") -> dict[str, float]:
+    """A run's ``which`` checkpoint evaluated again in float32 on its test split, with the run's random
+    starts (seed + 4), as the run does."""
+    from omegaconf import OmegaConf
+
+    from rift_bn.data import CIFARDataModule
+    from rift_bn.evaluate import evaluate
+    from rift_bn.models import build_model
+    from rift_bn.models.checkpoint import load_into, read_state_dict
+    from rift_bn.pipeline import make_attack, seeded
+
+    cfg = OmegaConf.create(r["config"])
+    d = cfg.data
+    dm = CIFARDataModule(
+        d.name, d.root, d.val_size, d.train_subset, d.test_subset, seed=cfg.seed, download=False,
+        selection_source=d.selection_source,
+    )  # fmt: skip
+    dm.setup()
+    model = build_model(cfg.model.name, dm.num_classes, cfg.model.width)
+    load_into(model, read_state_dict(r[which]["checkpoint"]))
+    with seeded(cfg.seed + 4):
+        return evaluate(
+            model, *dm.test_tensors(), make_attack(cfg.attack), dm.num_classes, cfg.eval.batch_size
+        )

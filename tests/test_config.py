@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from omegaconf import DictConfig
 from rift_bn.config import pixels, validate
 from rift_bn.mrc import MRCProtocol
 from rift_bn.pipeline import Run
+from rift_bn.run import job_key
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -40,20 +42,27 @@ def test_paper_scale_defaults_are_the_protocol() -> None:
     assert at.attack.steps == 10 and at.attack.random_start
     # MRC: plain SGD ascent, lr 1, batches of 512, 10 epochs, ||dW|| <= 0.1 ||W||, the exact protocol
     m = cfg.mrc
-    assert m.estimator == "exact" and m.num_examples is None and not m.shuffle
+    # RiFT's length: 20 shuffled steps per epoch (10,000 examples / batch 512), 200 in all
+    assert m.estimator == "exact" and m.num_examples is None and m.shuffle and m.steps_per_epoch == 20
     assert (m.epsilon, m.epochs, m.lr, m.batch_size) == (0.1, 10, 1.0, 512)
     proto = MRCProtocol()
-    assert (proto.epsilon, proto.epochs, proto.lr, proto.batch_size, proto.shuffle) == (
+    assert (proto.epsilon, proto.epochs, proto.lr, proto.batch_size, proto.shuffle, proto.steps(1000)) == (
         m.epsilon,
         m.epochs,
         m.lr,
         m.batch_size,
         m.shuffle,
+        m.steps_per_epoch,
     )
+    assert MRCProtocol(steps_per_epoch=None).steps(1000) == 2  # null: one pass over the set
+    assert cfg.at.attack_bn_mode == "train" and cfg.eval.precision == "32-true"
+    assert cfg.data.selection_source == "train_holdout"
     # fine-tuning: SGD 0.9 / 5e-4, lr 1e-3, 10 epochs, x0.1 half-way, selected BN layers adapt their stats
     f = cfg.finetune
     assert (f.epochs, f.lr, f.momentum, f.weight_decay, f.gamma) == (10, 1e-3, 0.9, 5e-4, 0.1)
-    assert f.milestones is None and f.bn_stats == "selected"  # null = [epochs // 2]
+    assert f.milestones is None and f.bn_stats == "selected"  # null = [epochs // 2]; rift_bn's default
+    assert composed("method=rift").finetune.bn_stats == "all"  # the original RiFT: every BN adapts
+    assert composed("method=rift", "finetune.bn_stats=none").finetune.bn_stats == "none"
     # interpolation: a in {0, 0.1, ..., 1}, no robust accuracy given up
     assert [round(10 * a) for a in cfg.interpolation.alphas] == list(range(11))
     assert cfg.interpolation.tolerance == 0.0
@@ -68,9 +77,10 @@ def test_methods_name_their_candidates(method: str, kinds: list[str]) -> None:
 
 
 @functools.cache
-def _run(*overrides: str) -> Run:
-    """A job's Run, enough to name its cache files (no data is read)."""
-    return Run(composed("scale=cpu", *overrides), Path("out"), torch.device("cpu"), None, Path("cache"))
+def _run(*overrides: str, fingerprint: str = "f" * 16) -> Run:
+    """A job's Run, enough to name its cache files (no data is read; ``fingerprint`` stands for the data)."""
+    data = SimpleNamespace(fingerprint=fingerprint)
+    return Run(composed("scale=cpu", *overrides), Path("out"), torch.device("cpu"), data, Path("cache"))
 
 
 H = "0123456789abcdef" * 4  # a base checkpoint's content hash
@@ -79,14 +89,17 @@ H = "0123456789abcdef" * 4  # a base checkpoint's content hash
 BASE_KEY = (
     ["seed=1", "data=cifar100", "data.val_size=400", "data.train_subset=100", "model=preact_resnet18"]
     + ["model.width=8", "at.epochs=3", "at.lr=0.05", "at.milestones=[1]", "at.attack.steps=2"]
-    + ["attack.eps=4/255", "attack.steps=5", "trainer.precision=bf16-mixed"]
+    + ["attack.eps=4/255", "attack.steps=5", "trainer.precision=bf16-mixed", "at.attack_bn_mode=eval"]
+    + ["trainer=ddp", "trainer.devices=2", "eval.precision=bf16-mixed", "data.selection_source=test_half"]
 )
 NOT_BASE_KEY = ["k=3", "method=rift", "finetune.lr=0.01", "mrc.epochs=3", "interpolation.tolerance=1"]
 NOT_BASE_KEY += ["logger=csv", "model.compile=true", "model.channels_last=true", "eval.batch_size=100"]
-MRC_KEY = ["mrc.epsilon=0.2", "mrc.epochs=3", "mrc.lr=0.5", "mrc.batch_size=100", "mrc.shuffle=true"]
+MRC_KEY = ["mrc.epsilon=0.2", "mrc.epochs=3", "mrc.lr=0.5", "mrc.batch_size=100", "mrc.shuffle=false"]
+MRC_KEY += ["mrc.steps_per_epoch=5", "mrc.steps_per_epoch=null", "data.selection_source=test_half"]
 MRC_KEY += ["mrc.num_examples=100", "mrc.estimator=linear", "seed=1", "data.val_size=400", "attack.steps=5"]
 NOT_MRC_KEY = ["k=3", "method=rift", "finetune.lr=0.01", "at.epochs=3", "eval.batch_size=100", "logger=csv"]
 NOT_MRC_KEY += ["interpolation.tolerance=1", "mrc.linear_step=true"]  # linear_step: the linear table only
+NOT_MRC_KEY += ["trainer.precision=bf16-mixed", "eval.precision=bf16-mixed"]  # the MRC set is float32
 ADV_KEY = ["attack.eps=4/255", "attack.alpha=1/255", "attack.steps=5", "seed=1", "data.val_size=400"]
 NOT_ADV_KEY = ["mrc.epochs=3", "mrc.estimator=linear", "k=3", "method=rift", "eval.batch_size=100"]
 
@@ -116,8 +129,10 @@ def test_adversarial_set_cache_key(override: str) -> None:
     assert _run(override).adversarial_set_path(H, 100) != _run(override).adversarial_set_path(H, 500)
 
 
-EVAL_KEY = ["trainer.precision=bf16-mixed", "attack.steps=5", "attack.eps=4/255", "seed=1", "data=cifar100"]
+EVAL_KEY = ["eval.precision=bf16-mixed", "attack.steps=5", "attack.eps=4/255", "seed=1", "data=cifar100"]
+EVAL_KEY += ["data.selection_source=test_half"]
 NOT_EVAL_KEY = ["k=3", "method=rift", "mrc.epochs=3", "finetune.lr=0.01", "eval.batch_size=100", "logger=csv"]
+NOT_EVAL_KEY += ["trainer.precision=bf16-mixed"]  # evaluation is float32 whatever the training precision
 
 
 @pytest.mark.parametrize("override", EVAL_KEY + NOT_EVAL_KEY)
@@ -130,6 +145,19 @@ def test_base_evaluation_cache_key(override: str) -> None:
     assert _run("data.val_size=400").eval_path(H, "test") == _run().eval_path(H, "test")
     assert _run("data.test_subset=50").eval_path(H, "test") != _run().eval_path(H, "test")
     assert _run("eval.autoattack=true").eval_path(H, "test") != _run().eval_path(H, "test")
+
+
+def test_the_loaded_data_keys_every_cache() -> None:
+    """Another copy of the data (one image changed, a subset) at the same path gets its own entries."""
+    one, other = _run(), _run(fingerprint="e" * 16)
+    assert one.base_checkpoint()[0] != other.base_checkpoint()[0]
+    assert one.adversarial_set_path(H, 500) != other.adversarial_set_path(H, 500)
+    assert one.mrc_path(H) != other.mrc_path(H)
+    for split in ("val", "test"):
+        assert one.eval_path(H, split) != other.eval_path(H, split)
+    cfg = composed("scale=cpu")
+    assert job_key(cfg, "f" * 16) != job_key(cfg, "e" * 16)
+    assert job_key(cfg, "f" * 16) == job_key(composed("scale=cpu", "data.root=/elsewhere"), "f" * 16)
 
 
 @pytest.mark.parametrize("scale", ["cpu", "smoke"])

@@ -107,7 +107,7 @@ def test_linear_layer_matches_hand_computed_bound_and_step() -> None:
     assert torch.equal(model.net.fc.weight, w)  # restored
 
     # a short ascent (2 epochs of 2 batches, lr 0.01) stops inside the ball: gain ||g|| * 4 * 0.01 * ||g||
-    short = MRCProtocol(epsilon=0.2, lr=0.01, epochs=2, batch_size=5, eval_batch_size=3)
+    short = MRCProtocol(epsilon=0.2, lr=0.01, epochs=2, batch_size=5, eval_batch_size=3, steps_per_epoch=None)
     (row,) = linear_mrc(model, x, y, KINDS["rift"], short, measure_step=False)["rows"]
     assert 4 * 0.01 * grad.norm() < 0.2 * w.norm()
     assert row["mrc"] == pytest.approx((4 * 0.01 * grad.norm() ** 2).item(), abs=1e-9)

@@ -7,33 +7,13 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from rift_bn.data import CIFARDataModule
-from rift_bn.evaluate import evaluate
 from rift_bn.interpolate import choose_alpha
 from rift_bn.models import build_model
 from rift_bn.models.checkpoint import load_into, read_state_dict
-from rift_bn.pipeline import make_attack, seeded
-from tests.conftest import load_results, moved_tensors, of_selected, results_paths
+from tests.conftest import load_results, moved_tensors, of_selected, reevaluate, results_paths
 
 pytestmark = pytest.mark.slow
-
-
-def reevaluate(r: dict) -> dict[str, float]:
-    """The final checkpoint of a run evaluated again on its test split, as the run does (seed + 4)."""
-    cfg = OmegaConf.create(r["config"])
-    d = cfg.data
-    dm = CIFARDataModule(
-        d.name, d.root, d.val_size, d.train_subset, d.test_subset, seed=cfg.seed, download=False
-    )
-    dm.setup()
-    model = build_model(cfg.model.name, dm.num_classes, cfg.model.width)
-    load_into(model, read_state_dict(r["final"]["checkpoint"]))
-    with seeded(cfg.seed + 4):
-        return evaluate(
-            model, *dm.test_tensors(), make_attack(cfg.attack), dm.num_classes, cfg.eval.batch_size
-        )
 
 
 def test_adversarial_training_smoke(cli) -> None:

@@ -128,44 +128,82 @@ def _kill_when(
         proc.wait()
 
 
-def test_kill_9_then_resume(cli) -> None:
-    args = [*TINY, "+experiment=at", "at.epochs=3", "at.milestones=[3]"]
-    cmd = [sys.executable, "-m", "rift_bn.run", *args, f"hydra.run.dir={cli.tmp / 'killed'}"]
-    _kill_when(cmd, cli.env, cli.tmp, "base/*.work/last.ckpt", cli.cache)
+AT = ("+experiment=at", "at.epochs=3", "at.milestones=[3]")
+FT = ("method=rift_bn", "k=1", "finetune.epochs=3", "finetune.milestones=[2]")
+
+
+def _same_numbers(a: dict, b: dict) -> None:
+    """Two runs' results agree bit for bit: accuracies, history, best epoch, MRC, selection, alpha*."""
+    for key in ("base", "final", "delta", "history", "mrc", "selected", "alpha", "interpolation"):
+        if key in ("base", "final"):
+            assert {k: v for k, v in a[key].items() if k != "checkpoint"} == {
+                k: v for k, v in b[key].items() if k != "checkpoint"
+            }, key
+        else:
+            assert a[key] == b[key], key
+    trained = ("best_epoch", "best_val_robust_acc", "history")
+    assert {k: a["base_training"].get(k) for k in trained} == {k: b["base_training"].get(k) for k in trained}
+
+
+def _interrupted(cli, args: tuple[str, ...], name: str, path_glob: str) -> None:
+    cmd = [sys.executable, "-m", "rift_bn.run", *TINY, *args, f"hydra.run.dir={cli.tmp / name}"]
+    _kill_when(cmd, cli.env, cli.tmp, path_glob, cli.cache)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path, cifar_root) -> None:
+    """A run killed with SIGKILL and started again gives exactly the numbers of a run never interrupted:
+    every random stream (augmentation, attack starts, data order) goes on where it stood."""
+    from tests.conftest import CLI
+
+    (tmp_path / "whole").mkdir()
+    whole = CLI(tmp_path / "whole", cifar_root)  # the uninterrupted runs, in a cache of their own
+    ref_at, ref_ft = load_results(whole(*AT))[0], load_results(whole(*FT))[0]
+
+    _interrupted(cli, AT, "killed", "base/*.work/last.ckpt")
     assert not list(cli.tmp.rglob("results.json")) and not list((cli.cache / "base").glob("*.pt"))
-    proc = cli("+experiment=at", "at.epochs=3", "at.milestones=[3]")
+    proc = cli(*AT)
     # resumed, not retrained: the first epoch (finished before the kill) does not run again
     assert "resuming from" in proc.stdout and "AdversarialTraining epoch 3/3:" in proc.stdout
     assert "AdversarialTraining epoch 1/3:" not in proc.stdout
     (r,) = load_results(proc)
+    assert (
+        r["base_training"]["resumed"]["after_epoch"] in (1, 2) and ref_at["base_training"]["resumed"] is None
+    )
+    _same_numbers(r, ref_at)
     history = r["base_training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     # the base model is the epoch with the best validation robust accuracy (the first of equals)
     best = max(history, key=lambda h: h["robust_acc"])
     assert r["base_training"]["best_epoch"] == best["epoch"]
     assert r["base_training"]["best_val_robust_acc"] == best["robust_acc"]
-    # fine-tuning is resumable too
-    ft = [*TINY, "method=full", "finetune.epochs=3", "finetune.milestones=[2]"]
-    cmd = [sys.executable, "-m", "rift_bn.run", *ft, f"hydra.run.dir={cli.tmp / 'killed2'}"]
-    _kill_when(cmd, cli.env, cli.tmp, "runs/*/last.ckpt", cli.cache)
-    proc = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]")
+
+    # fine-tuning: killed mid-way, resumed, the same as uninterrupted (MRC, selection, alpha*, accuracies)
+    _interrupted(cli, FT, "killed2", "runs/*/last.ckpt")
+    proc = cli(*FT)
     assert "resuming from" in proc.stdout and "FineTuning epoch 3/3:" in proc.stdout
     assert "FineTuning epoch 1/3:" not in proc.stdout
     (r,) = load_results(proc)
+    assert r["resumed"]["finetune"]["after_epoch"] in (1, 2) and ref_ft["resumed"]["finetune"] is None
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
-    # a finished job is skipped when rerun, and recomputed with force=true
-    again = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]")
+    _same_numbers(r, ref_ft)
+    (state,) = (cli.cache / "runs").glob(f"{r['job_key']}")
+    assert [p.name for p in state.iterdir()] == ["results.json"]  # a finished job keeps no training state
+
+    # a finished job is skipped when rerun; force=true recomputes it, and a forced run that is killed
+    # resumes its own attempt when run again (forcing discards the finished result, not its progress)
+    again = cli(*FT)
     assert "complete already" in again.stdout
     assert json.loads(Path(again.stdout.split("results: ")[-1].strip()).read_text())["final"] == r["final"]
-    forced = cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]", "force=true")
-    assert "complete already" not in forced.stdout and "resuming" not in forced.stdout
+    _interrupted(cli, (*FT, "force=true"), "killed3", "runs/*/last.ckpt")
+    forced = cli(*FT, "force=true")
+    assert "complete already" not in forced.stdout and "resuming from" in forced.stdout
+    _same_numbers(load_results(forced)[0], ref_ft)
     # a forced rerun that fails (here: its data moved away) keeps the finished result it would replace
     (done,) = (cli.cache / "runs").glob(f"{load_results(forced)[0]['job_key']}/results.json")
     finished = done.read_text()
-    args = ("method=full", "finetune.epochs=3", "finetune.milestones=[2]", "force=true")
-    failed = cli(*args, f"data.root={cli.tmp / 'moved'}", "data.download=false", check=False)
+    failed = cli(*FT, "force=true", f"data.root={cli.tmp / 'moved'}", "data.download=false", check=False)
     assert failed.returncode == 2 and done.read_text() == finished
-    assert "complete already" in cli("method=full", "finetune.epochs=3", "finetune.milestones=[2]").stdout
+    assert "complete already" in cli(*FT).stdout
 
 
 def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:

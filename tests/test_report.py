@@ -208,7 +208,8 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[str]]:
 
 
 def _write_checkpoints(sweep: Path) -> None:
-    """Tiny random ResNet-18 (width 8) checkpoints wherever the sweep's results point."""
+    """Tiny random ResNet-18 (width 8) checkpoints wherever the sweep's results point (base, final and the
+    fine-tuned model when ``finetuned_checkpoint`` is set), each different from the others."""
     import torch
 
     from rift_bn.models import build_model
@@ -216,11 +217,11 @@ def _write_checkpoints(sweep: Path) -> None:
 
     for i, f in enumerate(sorted(sweep.rglob("results.json"))):
         r = json.loads(f.read_text())
-        for part in ("base", "final"):
-            path = Path(r[part]["checkpoint"])
-            if not path.exists():
-                torch.manual_seed(100 + i + (part == "final"))
-                save_state_dict(build_model("resnet18", 10, 8), path)
+        paths = [r["base"]["checkpoint"], r["final"]["checkpoint"], r.get("finetuned_checkpoint")]
+        for j, path in enumerate(paths):
+            if path and not Path(path).exists():
+                torch.manual_seed(100 + 3 * i + j)
+                save_state_dict(build_model("resnet18", 10, 8), Path(path))
 
 
 def _row(df: pd.DataFrame, method: str, k: int | None = None) -> pd.Series:
@@ -591,8 +592,20 @@ def test_bn_kde_and_wandb_from_checkpoints(
     fig = report.figures["fig_bn_kde_cifar10"]
     shown = [ax for ax in fig.get_axes() if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["bn1", "layer1.0.bn1"]
-    assert all(len(ax.lines) == 3 for ax in shown)
-    assert _legend_texts(fig) == ["init", r"RiFT ($\alpha^*$=0.5)", r"RiFT with BN ($\alpha^*$=1)"]
+    assert all(len(ax.lines) == 3 for ax in shown)  # runs without finetuned_checkpoint: theta(alpha*) only
+    assert _legend_texts(fig) == [
+        "init",
+        r"RiFT $\theta(\alpha^*)$, $\alpha^*$=0.5",
+        r"RiFT with BN $\theta(\alpha^*)$, $\alpha^*$=1 = fine-tuned",
+    ]
+    caption = " ".join(fig._suptitle.get_text().split())
+    assert "PGD-10 (eps 8/255, step 2/255, random start), made once on the base model (init)" in caption
+    assert "Layers: the BN layers RiFT with BN selected for fine-tuning" in caption
+    assert "least robustness-critical" in caption and "20 selection-split images" in caption
+    assert (
+        "RiFT fine-tuned model (alpha = 1) not available: its results.json has no finetuned_checkpoint"
+        in (caption)
+    )
     assert (report.out / "fig_bn_kde_cifar10.png").read_bytes()[:8] == PNG_MAGIC
     assert "BN output" in shown[0].get_xlabel() and "Density" in shown[0].get_ylabel()
 
@@ -740,3 +753,320 @@ def test_wandb_disabled_logs_no_report_run(tmp_path: Path, monkeypatch: pytest.M
     report = make_report([sweep], kde=False, wandb=True, log=lines.append)
     assert report.wandb_dir is None and not (report.out / "wandb").exists()
     assert "W&B: not logged (WANDB_MODE=disabled)" in lines
+
+
+# ------------------------------------------------------------------ finetune.bn_stats: rows, not experiments
+
+
+def _with_bn_stats(sweep: Path, ablation: dict[str, float] | None = None) -> Path:
+    """Give the sweep's runs the new keys (RiFT ``all``, RiFT with BN ``selected``); with ``ablation``
+    (``{method: clean-accuracy shift}``), add a ``finetune.bn_stats=none`` copy of each run of those
+    methods."""
+    defaults = {"rift": "all", "rift_bn": "selected"}
+    for f in sorted(sweep.rglob("results.json")):
+        r = json.loads(f.read_text())
+        mode = defaults.get(r["method"] or "", "selected") if r["stage"] == "finetune" else None
+        r["bn_stats"] = mode
+        r["config"]["finetune"] = {"bn_stats": mode or "selected"}  # ${method.bn_stats} unless overridden
+        r["config"]["method"] = {"name": r["method"], "bn_stats": mode or "selected"}
+        f.write_text(json.dumps(r))
+        if ablation and r["method"] in ablation:
+            r["bn_stats"] = r["config"]["finetune"]["bn_stats"] = "none"  # finetune.bn_stats=none
+            r["final"]["clean_acc"] += ablation[r["method"]]
+            r["delta"]["clean_acc"] += ablation[r["method"]]
+            copy = f.parent.with_name(f.parent.name + "-none") / "results.json"
+            copy.parent.mkdir()
+            copy.write_text(json.dumps(r))
+    return sweep
+
+
+def test_bn_stats_sweep_gives_rows_of_one_experiment(sweep: Path, tmp_path: Path) -> None:
+    """RiFT (all) and RiFT with BN (selected) are one experiment; a finetune.bn_stats=none sweep of RiFT
+    with BN adds its own rows and lines, never seeds of the selected ones; the caption names the modes."""
+    from rift_bn.report.table import write_tables
+
+    _with_bn_stats(sweep, ablation={"rift_bn": -5.0, "full": -1.0})
+    runs = load_runs([sweep], log=lambda _: None)
+    assert len(runs) == 12 + 4 + 1 and len(experiments(runs)) == 1  # no copy taken for a duplicate job
+
+    t = table1(runs)
+    k1 = t[(t["method"] == "rift_bn") & (t["k"] == 1)].set_index("bn_stats")
+    assert sorted(k1.index) == ["none", "selected"]
+    assert k1.loc["selected", "clean_acc_mean"] == pytest.approx(82.0) and k1.loc["selected", "n"] == 3
+    assert k1.loc["none", "clean_acc_mean"] == pytest.approx(77.0) and k1.loc["none", "n"] == 3
+    assert k1.loc["none", "delta_clean_mean"] == pytest.approx(-3.0)
+    assert list(t.loc[t["method"] == "rift", "bn_stats"]) == ["all", "all"]
+    assert list(zip(t["method"], t["bn_stats"], strict=True))[:4] == [
+        ("base", ""),
+        ("rift", "all"),
+        ("rift_bn", "selected"),  # the method's default mode first
+        ("rift_bn", "none"),
+    ]
+
+    md = to_markdown(t, layer_types_table(runs), runs)
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md  # one mode: the plain label
+    assert "|  | RiFT with BN (BN stats: selected) | 82.00 ± 1.00 |" in md
+    assert "|  | RiFT with BN (BN stats: none) | 77.00 ± 1.00 |" in md
+    assert "|  | Δ RiFT with BN (BN stats: none) | -3.00 ± 0.00 |" in md
+    assert (
+        "BN statistics while fine-tuning: RiFT: every BN layer's running statistics adapt "
+        "(finetune.bn_stats=all, as the original RiFT code); RiFT with BN, one row per mode: only the "
+        "selected BN layers' running statistics adapt (finetune.bn_stats=selected) or no BN layer's running "
+        "statistics adapt (finetune.bn_stats=none)."
+    ) in md
+    assert "| Full (BN stats: none) | 83.00 |" in md and "| Full (BN stats: selected) | 84.00 |" in md
+    assert "Full, one row per mode: only the selected BN layers' running statistics adapt " in md
+
+    _, _, files = write_tables(runs, tmp_path / "out")
+    csv = pd.read_csv(tmp_path / "out" / "table1.csv", keep_default_na=False)
+    assert set(csv.loc[csv["method"] == "rift_bn", "bn_stats"]) == {"selected", "none"}
+    assert "bn_stats" in pd.read_csv(tmp_path / "out" / "runs.csv").columns
+
+    fig = plot_interpolation([r for r in runs if r["method"] in ("rift", "rift_bn")])
+    assert all(len(ax.lines) == 6 for ax in fig.get_axes())  # + rift_bn none at k=1, k=2
+    legend = set(_legend_texts(fig))
+    assert {"RiFT, k=1 (n=3)", "RiFT with BN (BN stats: none), k=1 (n=3)"} <= legend
+    assert "RiFT with BN (BN stats: selected), k=1 (n=3)" in legend
+    fig = plot_layer_types([r for r in runs if r["method"] in ("bn_only", "conv_linear_only", "full")])
+    assert _legend_texts(fig) == [
+        "BN only",
+        "Conv/Linear only",
+        "Full (BN stats: selected)",
+        "Full (BN stats: none)",
+    ]
+
+
+def test_old_runs_without_bn_stats_read_as_selected(sweep: Path) -> None:
+    runs = load_runs([sweep], log=lambda _: None)  # results.json written before bn_stats was recorded
+    t = table1(runs)
+    assert set(t.loc[t["method"] != "base", "bn_stats"]) == {"selected"}
+    md = to_markdown(t, None, runs)
+    assert (
+        "BN statistics while fine-tuning: RiFT: only the selected BN layers' running statistics adapt "
+        "(finetune.bn_stats=selected; it selects no BN layer, so none adapt); RiFT with BN: only the "
+        "selected BN layers' running statistics adapt (finetune.bn_stats=selected)."
+    ) in md
+    assert "BN stats:" not in md
+
+
+# -------------------------------------------- Figure 3: one attack on the base model, fine-tuned models
+
+
+def _kde_sweep(root: Path, data_root: Path, attack: dict | None = None, alphas: dict | None = None) -> Path:
+    """A sweep whose RiFT / RiFT-with-BN runs saved their fine-tuned model (``finetuned.pt``), with every
+    checkpoint written; ``attack`` updates ``config.attack``, ``alphas`` sets ``{method: alpha*}``."""
+    sweep = build_sweep(root, data_root=data_root)
+    for f in sorted(sweep.rglob("results.json")):
+        r = json.loads(f.read_text())
+        if r["method"] in ("rift", "rift_bn"):
+            r["finetuned_checkpoint"] = str(f.parent / "finetuned.pt")
+            r["alpha"] = (alphas or {}).get(r["method"], r["alpha"])
+        r["config"]["attack"] |= attack or {}
+        f.write_text(json.dumps(r))
+    _write_checkpoints(sweep)
+    return sweep
+
+
+class _Spy:
+    """Stands in for rift_bn.report.kde.PGD: records its settings and every attack (model state, inputs)."""
+
+    made: list[dict] = []
+    calls: list[dict] = []
+
+    def __init__(self, **kwargs: object) -> None:
+        from rift_bn.attacks import PGD
+
+        type(self).made.append(kwargs)
+        self.pgd = PGD(**kwargs)
+
+    def __call__(self, model, x, y):
+        type(self).calls.append({k: v.clone() for k, v in model.net.state_dict().items()})
+        return self.pgd(model, x, y)
+
+
+def test_kde_attacks_the_base_model_once_with_the_runs_attack(
+    tmp_path: Path, tiny_cifar: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from rift_bn.models.checkpoint import read_state_dict
+    from rift_bn.report import kde
+
+    attack = {"eps": "4/255", "alpha": 0.01, "steps": 3, "random_start": True, "restarts": 2}
+    sweep = _kde_sweep(tmp_path / "sweep", tiny_cifar, attack, alphas={"rift_bn": 0.5})
+    runs = load_runs([sweep], log=lambda _: None)
+    monkeypatch.setattr(kde, "PGD", _Spy)
+    inputs: list[torch.Tensor] = []
+    real_bn_outputs = kde.bn_outputs
+    monkeypatch.setattr(
+        kde, "bn_outputs", lambda m, x, layers: inputs.append(x) or real_bn_outputs(m, x, layers)
+    )
+    _Spy.made, _Spy.calls = [], []
+
+    plan, _ = kde.plan_kde(runs)
+    samples = kde.kde_samples(plan, n_images=8, max_values=300, device="cpu")
+    assert _Spy.made == [
+        {"eps": pytest.approx(4 / 255), "alpha": 0.01, "steps": 3, "random_start": True, "restarts": 2}
+    ]
+    assert plan.attack == "PGD-3 (eps 4/255, step 0.01, random start, worst of 2 restarts)"
+    assert len(_Spy.calls) == 1  # one attack, on the base model ...
+    base = read_state_dict(plan.rift_bn["base"]["checkpoint"])
+    assert all(torch.equal(_Spy.calls[0][k], base[k]) for k in base)
+    assert len(inputs) == 5 and all(torch.equal(x, inputs[0]) for x in inputs)  # ... fed to all five models
+    assert list(samples["bn1"]) == [
+        "init",
+        "RiFT",
+        "RiFT with BN",
+        "RiFT (fine-tuned)",
+        "RiFT with BN (fine-tuned)",
+    ]
+    assert not plan.omitted and not plan.per_model_attack
+
+    _Spy.calls, inputs[:] = [], []
+    again = kde.kde_samples(plan, n_images=8, max_values=300, device="cpu", per_model_attack=True)
+    assert len(_Spy.calls) == 5 and plan.per_model_attack  # each model attacked itself
+    assert not torch.equal(inputs[0], inputs[2])
+    assert np.array_equal(again["bn1"]["init"], samples["bn1"]["init"])  # same seed: the same init examples
+    assert not np.array_equal(again["bn1"]["RiFT with BN"], samples["bn1"]["RiFT with BN"])
+
+
+def test_kde_alpha_star_zero_is_init_and_the_fine_tuned_model_is_shown(
+    tmp_path: Path, tiny_cifar: Path
+) -> None:
+    sweep = _kde_sweep(tmp_path / "sweep", tiny_cifar, {"steps": 2}, alphas={"rift": 0.0, "rift_bn": 0.5})
+    runs = load_runs([sweep], log=lambda _: None)
+    rift = next(r for r in runs if r["method"] == "rift" and r["k"] == 2)
+    Path(rift["final"]["checkpoint"]).write_bytes(Path(rift["base"]["checkpoint"]).read_bytes())  # theta(0)
+
+    figures, skipped = report_figures(runs, kde=True, kde_images=8, device="cpu", log=lambda _: None)
+    assert "fig_bn_kde_cifar10" in figures, skipped
+    fig = figures["fig_bn_kde_cifar10"]
+    shown = [ax for ax in fig.get_axes() if ax.get_visible()]
+    assert all(len(ax.lines) == 5 for ax in shown)
+    init, at_star, tuned = (shown[0].lines[i].get_ydata() for i in (0, 1, 3))
+    assert np.array_equal(init, at_star)  # alpha* = 0: theta(alpha*) is init, by construction ...
+    assert not np.allclose(init, tuned)  # ... while the fine-tuned model itself differs
+    assert _legend_texts(fig) == [  # a column per model family
+        "init",
+        r"RiFT $\theta(\alpha^*)$, $\alpha^*$=0 = init",
+        r"RiFT fine-tuned ($\alpha$=1)",
+        r"RiFT with BN $\theta(\alpha^*)$, $\alpha^*$=0.5",
+        r"RiFT with BN fine-tuned ($\alpha$=1)",
+    ]
+    caption = " ".join(fig._suptitle.get_text().split())
+    assert "PGD-2 (eps 8/255, step 2/255, random start), made once on the base model (init)" in caption
+    assert "finetune.bn_stats: RiFT selected, RiFT with BN selected" in caption and "Note:" not in caption
+
+
+def test_cli_kde_per_model_attack_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from rift_bn.report import build
+    from rift_bn.report.__main__ import main
+
+    seen: dict = {}
+
+    def fake(*args: object, **kwargs: object) -> None:
+        seen.update(kwargs)
+        raise FileNotFoundError("stop")
+
+    monkeypatch.setattr(build, "make_report", fake)
+    assert main([str(tmp_path), "--no-wandb", "--kde-per-model-attack"]) == 2
+    assert seen["kde_per_model_attack"] is True
+    main([str(tmp_path), "--no-wandb"])
+    assert seen["kde_per_model_attack"] is False
+
+
+def test_kde_images_follow_the_selection_source(tiny_cifar: Path) -> None:
+    """data.selection_source=test_half: Figure 3's images are the selection half of the test set."""
+    import torch
+
+    from rift_bn.data import load_cifar, to_float
+    from rift_bn.report.kde import _selection_images
+
+    r = make_result("rift_bn", 1, 0, tiny_cifar, data_root=tiny_cifar)
+    _, _, test_x, _ = load_cifar("cifar10", tiny_cifar, download=False)
+    x, y, note = _selection_images(r, 8)  # old runs: train_holdout, carved from the training set
+    assert len(x) == 8 and not note and not any(torch.equal(a, b) for a in x for b in to_float(test_x))
+    r["config"]["data"]["selection_source"] = "test_half"
+    x, y, _ = _selection_images(r, 100)
+    assert len(x) == 25 and all(any(torch.equal(a, b) for b in to_float(test_x)) for a in x)  # half of 50
+    r["data_fingerprint"] = "0" * 64
+    assert "differs from the run's" in _selection_images(r, 4)[2]
+
+
+# ------------------------------------------------- the same tags everywhere, several sweeps, no hidden curves
+
+
+def test_experiment_tags_do_not_depend_on_the_folder_order(two_scales: Path) -> None:
+    """``report A B``, ``report B A``, ``report <parent>`` and the notebook name the experiments alike."""
+    tags = [
+        [(e.tag, e.label) for e in experiments(load(dirs).runs)]
+        for dirs in (
+            [two_scales],
+            [two_scales / "smoke", two_scales / "cpu"],
+            [two_scales / "cpu", two_scales / "smoke"],
+        )
+    ]
+    assert tags[0] == tags[1] == tags[2] == [("cifar10_exp1", "scale=cpu"), ("cifar10_exp2", "scale=smoke")]
+
+
+def test_a_report_over_several_sweeps_goes_to_the_first_and_its_group(tmp_path: Path) -> None:
+    import shutil
+
+    a = as_scale(build_sweep(tmp_path / "a" / "s1", logger="wandb"), "smoke", 4000)
+    b = as_scale(build_sweep(tmp_path / "b" / "s2", logger="wandb"), "cpu", 5000)
+    for job in ("1", "2", "3"):  # b has more runs: the most common group is b's
+        shutil.rmtree(a / job)
+    runs = load([b, a]).runs
+    group = {s: "sweep-" + "-".join(s.parts[-2:]) for s in (a, b)}
+    assert wandb_target(runs)["group"] == group[b]
+    assert wandb_target(runs, a)["group"] == group[a] and wandb_target(runs, b)["group"] == group[b]
+    assert wandb_target(runs, a)["groups"] == sorted(group.values())
+    report = make_report([a, b], kde=False, wandb=False, log=lambda _: None)
+    assert report.out == (a / "report").resolve() and (a / "report" / "table1.md").is_file()
+    assert not (b / "report").exists()
+
+
+def test_equal_interpolation_curves_and_stars_stay_visible(sweep: Path) -> None:
+    runs = [r for r in load_runs([sweep], log=lambda _: None) if r["method"] in ("rift", "rift_bn")]
+    for r in runs:  # every series the same curve and the same alpha*: they used to hide each other
+        r["interpolation"] = [
+            {"alpha": a, "clean_acc": 60 + a, "robust_acc": 40 - a} for a in (0.0, 0.5, 1.0)
+        ]
+        r["alpha"] = 0.5
+    fig = plot_interpolation(runs)
+    for ax in fig.get_axes():
+        xs = [tuple(np.round(line.get_xdata(), 6)) for line in ax.lines]
+        assert len(set(xs)) == len(xs) == 4  # each line offset sideways
+        assert max(abs(x - a) for line in xs for x, a in zip(line, (0.0, 0.5, 1.0), strict=True)) <= 0.03
+        markers = {line.get_marker() for line in ax.lines if line.get_color()}
+        assert len(markers) >= 2
+        stars = [tuple(c.get_offsets()[0]) for c in ax.collections if isinstance(c, PathCollection)]
+        assert len(stars) == 4 and len(set(stars)) == 4
+    assert any("offset" in t for t in _legend_texts(fig))
+
+
+def test_readme_headless_notebook_command_works(two_scales: Path) -> None:
+    """The README's one-line headless run of the notebook on a sweep folder: the executed copy lands there."""
+    import re
+    import shlex
+
+    jupyter = Path(sys.executable).parent / "jupyter"
+    if not jupyter.exists() or not (Path(sys.executable).parent / "jupyter-execute").exists():
+        pytest.skip("jupyter execute (nbclient) is not installed beside this python")
+    line = next(
+        ln.strip()
+        for ln in (REPO / "README.md").read_text().splitlines()
+        if "jupyter execute notebooks/" in ln
+    )
+    line = re.sub(r"^S=\S+;", f"S={shlex.quote(str(two_scales))};", line).replace(
+        ".venv/bin/jupyter", str(jupyter)
+    )
+    env = {**os.environ, "RIFT_BN_KDE": "0", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["bash", "-c", line], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    executed = json.loads((two_scales / "analysis.ipynb").read_text())
+    outputs = [o for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert outputs and not [o for o in outputs if o.get("output_type") == "error"]
+    assert "cifar10_exp1: " in json.dumps(outputs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -53,15 +54,22 @@ def _recorded_step(module: torch.nn.Module) -> list[torch.Tensor]:
     return seen
 
 
-def test_adversarial_training_learns_from_pgd_examples_made_in_eval_mode() -> None:
-    """DESIGN step 3: the AT loss is on PGD examples of the batch, generated with the model in eval mode
-    (BN statistics untouched by the attack); the model is back in train mode for the update."""
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_adversarial_training_learns_from_pgd_examples_made_in_the_chosen_bn_mode(bn_mode: str) -> None:
+    """DESIGN step 3: the AT loss is on PGD examples of the batch. ``at.attack_bn_mode=train`` (default)
+    crafts them as Bag-of-Tricks and Madry's code do, with the network in train mode: batch statistics,
+    and every forward of the attack updates the BN running statistics, exactly as torchattacks' PGD in
+    training mode. ``eval``: eval mode, statistics untouched. The model is in train mode for the update."""
+    import torchattacks
+
     from rift_bn.attacks import PGD
     from rift_bn.modules import AdversarialTraining
 
     torch.manual_seed(0)
     model = build_model("resnet18", 10, 4).train()
-    module = AdversarialTraining(model, PGD(8 / 255, 2 / 255, 3), PGD(8 / 255, 2 / 255, 1), 10)
+    reference = copy.deepcopy(model)
+    attack = PGD(8 / 255, 2 / 255, 3, train_mode=bn_mode == "train")
+    module = AdversarialTraining(model, attack, PGD(8 / 255, 2 / 255, 1), 10)
     modes: list[bool] = []
     hook = model.net.bn1.register_forward_hook(lambda m, i, o: modes.append(m.training))
     seen = _recorded_step(module)
@@ -71,13 +79,19 @@ def test_adversarial_training_learns_from_pgd_examples_made_in_eval_mode() -> No
         torch.manual_seed(1)
         module.training_step((x, y), 0)
     hook.remove()
+    theirs = torchattacks.PGD(reference, eps=8 / 255, alpha=2 / 255, steps=3, random_start=True)
+    if bn_mode == "train":
+        theirs.set_model_training_mode(model_training=True, batchnorm_training=True)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        expected = PGD(8 / 255, 2 / 255, 3)(model, x, y)
+        expected = theirs(x, y)
     (adv,) = seen
     assert torch.equal(adv, expected) and 0 < (adv - x).abs().max() <= 8 / 255 + 1e-6
-    assert modes and not any(modes)  # every forward of the attack ran in eval mode
-    assert torch.equal(model.net.bn1.running_mean, stats) and model.training
+    assert len(modes) == 3 and all(m == (bn_mode == "train") for m in modes)  # one forward per step
+    after = {k: v for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in after.items())  # as the reference
+    assert torch.equal(model.net.bn1.running_mean, stats) == (bn_mode == "eval")
+    assert model.training and all(p.requires_grad for p in model.parameters())
 
 
 def test_fine_tuning_learns_from_the_clean_batch() -> None:

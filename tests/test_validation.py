@@ -207,6 +207,13 @@ def test_wandb_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         (["interpolation.alphas=[abc]"], ["interpolation.alphas=[abc]:"]),
         (["interpolation.alphas=[]"], ["interpolation.alphas=[]:"]),
         (["interpolation.alphas=[0,1.5]"], ["interpolation.alphas=[0,1.5]:"]),
+        (["interpolation.alphas=[0.5,1]"], ["interpolation.alphas=[0.5,1]:", "must include 0", "[0,0.5,1]"]),
+        (["mrc.steps_per_epoch=0"], ["mrc.steps_per_epoch=0:", "null"]),
+        (["mrc.steps_per_epoch=2.5"], ["mrc.steps_per_epoch=2.5:"]),
+        (["at.attack_bn_mode=batch"], ["at.attack_bn_mode=batch:", "train, eval"]),
+        (["eval.precision=bf32"], ["eval.precision=bf32:", "32-true"]),
+        (["data.selection_source=test"], ["data.selection_source=test:", "train_holdout, test_half"]),
+        (["method.bn_stats=some"], ["finetune.bn_stats=some:", "selected, all, none"]),
         (["~k"], ["k: required setting is missing"]),
         (["~mrc.estimator"], ["mrc.estimator: required setting is missing"]),
         (["method.kinds=[foo]"], ["method.kinds=[foo]:", "conv, linear, bn"]),
@@ -233,8 +240,9 @@ def _options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
+SWEEP_EXPERIMENTS = ("topk", "layer_types")  # they sweep method and data: run with -m (test_console.py)
 GROUP_OPTIONS = [
-    [f"{'+' if group == 'experiment' else ''}{group}={name}"]
+    [f"{'+' if group == 'experiment' else ''}{group}={name}", *(["-m"] if name in SWEEP_EXPERIMENTS else [])]
     for group in ("scale", "experiment", "trainer", "logger", "method", "model", "data", "attack")
     for name in _options(group)
 ]
@@ -259,6 +267,8 @@ VALID = [
     ["finetune.milestones=null", "finetune.momentum=0", "mrc.estimator=linear", "mrc.linear_step=true"],
     ["data.train_subset=null", "mrc.num_examples=1000", "attack.steps=0", "attack.eps=0.03"],
     ["interpolation.alphas=[1]", "logger=wandb", "logger.mode=disabled"],
+    ["mrc.steps_per_epoch=null", "mrc.shuffle=false", "at.attack_bn_mode=eval", "eval.precision=bf16-mixed"],
+    ["data.selection_source=test_half", "mrc.num_examples=5000", "-m", "finetune.bn_stats=selected,all,none"],
 ]
 
 

@@ -13,9 +13,10 @@ from rift_bn.models import frozen
 
 
 @contextlib.contextmanager
-def attack_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode, no parameter gradients, autograd on (even inside validation); restores all of it."""
-    with frozen(model), torch.inference_mode(False), torch.enable_grad():
+def attack_mode(model: nn.Module, train_mode: bool = False) -> Iterator[None]:
+    """Eval mode (the model's own modes with ``train_mode``), no parameter gradients, autograd on (even
+    inside validation); restores all of it."""
+    with frozen(model, eval_mode=not train_mode), torch.inference_mode(False), torch.enable_grad():
         yield
 
 
@@ -30,7 +31,9 @@ class PGD:
     Same update as ``torchattacks.PGD`` (and bit-identical adversarial images for the same random
     start): uniform random start, ``steps`` signed-gradient steps of size ``alpha``, projection onto
     the eps-ball and [0, 1]. With ``restarts > 1`` keeps, per image, the first restart that fools the
-    model (worst case over restarts). The model runs in eval mode without parameter gradients.
+    model (worst case over restarts). The model runs without parameter gradients, in eval mode; with
+    ``train_mode=True`` in the modes it has (adversarial training as Bag-of-Tricks and Madry's code craft
+    it: BatchNorm uses batch statistics, and every forward of the attack updates its running statistics).
 
     Speed: the whole attack reuses one leaf tensor updated in place (no per-step allocation besides
     autograd's), has no host-device synchronisation inside the step loop, and takes input gradients
@@ -46,6 +49,7 @@ class PGD:
         steps: int = 10,
         random_start: bool = True,
         restarts: int = 1,
+        train_mode: bool = False,
     ) -> None:
         if not 0 <= eps <= 1:
             raise ValueError(f"attack.eps={eps}: must lie in [0, 1] (pixel scale; 8/255 is the paper's)")
@@ -57,15 +61,16 @@ class PGD:
             )
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)
         self.random_start, self.restarts = bool(random_start), int(restarts)
+        self.train_mode = bool(train_mode)
 
     def __repr__(self) -> str:
         return (
             f"PGD(eps={self.eps:.5f}, alpha={self.alpha:.5f}, steps={self.steps}, "
-            f"random_start={self.random_start}, restarts={self.restarts})"
+            f"random_start={self.random_start}, restarts={self.restarts}, train_mode={self.train_mode})"
         )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        with attack_mode(model):
+        with attack_mode(model, self.train_mode):
             x, y = _normal(x.detach()), _normal(y.detach())
             if self.restarts == 1:
                 return self._attack(model, x, y)

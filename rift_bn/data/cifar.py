@@ -8,6 +8,7 @@ The test split is reachable only through :meth:`CIFARDataModule.test_tensors` an
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 import socket
@@ -181,6 +182,19 @@ def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
     return perm[:val_size], perm[val_size:]
 
 
+SELECTION_SOURCES = ("train_holdout", "test_half")
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    """A short SHA-256 of tensors' shapes, dtypes and bytes: which data a result was computed on."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 # --------------------------------------------------------------------------- device-side transforms
 
 
@@ -241,7 +255,10 @@ class TensorLoader:
     given to :meth:`set_epoch` if it was called, else ``epoch_fn()`` if given and not None, else an
     internal counter that advances on each ``__iter__``. Under a world of size W > 1 (or the
     ``rank``/``world_size`` overrides) each rank takes the strided shard ``idx[rank::W]`` of the
-    (permuted) indices, padded by wrapping so that all ranks get the same number of batches. With
+    (permuted) indices. With ``pad`` (training) the indices are first padded by wrapping so that all
+    ranks get the same number of batches (DDP's gradient all-reduce needs equal step counts); without it
+    (evaluation) the shards are disjoint and together hold every index exactly once, so a metric summed
+    over the ranks counts each image once; the ranks' batch counts may then differ by one. With
     ``global_batch`` the batch size is that of the whole world: each rank takes ``batch_size / W`` of
     its shard per step, so that the W ranks of a step together hold the single-process batch.
     """
@@ -258,6 +275,7 @@ class TensorLoader:
         world_size: int | None = None,
         epoch_fn: Callable[[], int | None] | None = None,
         global_batch: bool = False,
+        pad: bool = True,
     ) -> None:
         if len(x) != len(y):
             raise ValueError(f"x and y differ in length ({len(x)} vs {len(y)})")
@@ -275,6 +293,7 @@ class TensorLoader:
         self.rank, self.world_size = rank, world_size
         self.epoch_fn = epoch_fn
         self.global_batch = global_batch
+        self.pad = pad
         self._counter = 0
         self._epoch: int | None = None
 
@@ -287,8 +306,17 @@ class TensorLoader:
             return self.rank, self.world_size  # type: ignore[return-value]
         return _dist_info()
 
-    def _per_rank(self, world: int) -> int:
-        return math.ceil(len(self.x) / world) if len(self.x) else 0
+    def _per_rank(self, rank: int, world: int) -> int:
+        """How many indices ``rank`` holds: ``ceil(n / world)`` each when padded, else its strided share."""
+        n = len(self.x)
+        if self.pad:
+            return math.ceil(n / world) if n else 0
+        if 0 < n < world:  # a rank without a batch stops Lightning's DDP; padding would count images twice
+            raise DataError(
+                f"{n} evaluation image(s) for {world} processes: every process needs one; use at least "
+                f"{world} selection images (data.val_size) or fewer processes (trainer.devices)"
+            )
+        return len(range(rank, n, world))
 
     def rank_batch(self) -> int:
         """This rank's batch size: ``batch_size``, or its share of it with ``global_batch``."""
@@ -303,7 +331,7 @@ class TensorLoader:
         return self.batch_size // world
 
     def __len__(self) -> int:
-        m, bs = self._per_rank(self._world()[1]), self.rank_batch()
+        m, bs = self._per_rank(*self._world()), self.rank_batch()
         return m // bs if self.drop_last else math.ceil(m / bs)
 
     def _next_epoch(self) -> int:
@@ -326,8 +354,7 @@ class TensorLoader:
         else:
             idx = torch.arange(n)
         if world > 1 and n:
-            total = self._per_rank(world) * world
-            if total > n:
+            if self.pad and (total := self._per_rank(rank, world) * world) > n:
                 idx = idx.repeat(math.ceil(total / n))[:total]
             idx = idx[rank::world]
         return idx
@@ -365,9 +392,16 @@ class CIFARDataModule(lightning.LightningDataModule):
         eval_batch_size: int = 500,
         seed: int = 0,
         download: bool = True,
+        selection_source: str = "train_holdout",
     ) -> None:
         super().__init__()
         self.spec = _spec(name)
+        if selection_source not in SELECTION_SOURCES:
+            raise DataError(
+                f"data.selection_source={selection_source}: unknown; "
+                f"choose one of {', '.join(SELECTION_SOURCES)}"
+            )
+        self.selection_source = selection_source
         for key, val in (("train_subset", train_subset), ("test_subset", test_subset)):
             if val is not None and val < 1:
                 raise DataError(f"data.{key}={val}: must be >= 1, or null for everything")
@@ -385,6 +419,7 @@ class CIFARDataModule(lightning.LightningDataModule):
         self.download = download
         self.num_classes = self.spec.num_classes
         self.test_accesses = 0
+        self.fingerprint = ""  # set by setup(): hash of every image and label a run can use
         self._loaded = False
         self.train_x: Tensor
         self.train_y: Tensor
@@ -398,18 +433,39 @@ class CIFARDataModule(lightning.LightningDataModule):
         ensure_cifar(self.name, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load and split once; later calls do nothing."""
+        """Load and split once; later calls do nothing.
+
+        ``train_holdout``: the selection split (``val``) is a seeded ``val_size`` images of the training
+        set, held out of training. ``test_half``: the (subset of the) test set is split by a seeded
+        permutation; its first half selects (``val``), the disjoint second half is the reported test
+        split, and training uses the whole training set (``val_size`` is not used).
+        """
         if self._loaded:
             return
         train_x, train_y, test_x, test_y = load_cifar(self.name, self.root, self.download)
-        val_idx, train_idx = split_indices(len(train_x), self.val_size, self.seed)
+        if self.test_subset is not None:
+            test_x, test_y = test_x[: self.test_subset], test_y[: self.test_subset]
+        if self.selection_source == "test_half":
+            if len(test_x) < 2:
+                raise DataError(
+                    f"data.test_subset={self.test_subset}: data.selection_source=test_half needs at "
+                    "least 2 test images; raise data.test_subset"
+                )
+            perm = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(self.seed))
+            sel, rep = perm[: len(test_x) // 2], perm[len(test_x) // 2 :].sort().values
+            self.val_x, self.val_y = test_x[sel], test_y[sel]
+            test_x, test_y = test_x[rep], test_y[rep]
+            train_idx = torch.arange(len(train_x))
+        else:
+            val_idx, train_idx = split_indices(len(train_x), self.val_size, self.seed)
+            self.val_x, self.val_y = train_x[val_idx], train_y[val_idx]
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
         self.train_x, self.train_y = train_x[train_idx], train_y[train_idx]
-        self.val_x, self.val_y = train_x[val_idx], train_y[val_idx]
-        if self.test_subset is not None:
-            test_x, test_y = test_x[: self.test_subset], test_y[: self.test_subset]
         self._test_x, self._test_y = test_x, test_y
+        self.fingerprint = fingerprint(
+            self.train_x, self.train_y, self.val_x, self.val_y, self._test_x, self._test_y
+        )
         self._loaded = True
 
     def _require_setup(self) -> None:
@@ -434,7 +490,14 @@ class CIFARDataModule(lightning.LightningDataModule):
 
     def val_dataloader(self) -> TensorLoader:
         self._require_setup()
-        return TensorLoader(self.val_x, self.val_y, self.eval_batch_size)
+        # unpadded shards: under DDP the ranks' validation metrics, summed, count each image exactly once
+        return TensorLoader(self.val_x, self.val_y, self.eval_batch_size, pad=False)
+
+    @property
+    def test_size(self) -> int:
+        """How many test images the run reports on (not a read of the test split)."""
+        self._require_setup()
+        return len(self._test_y)
 
     def test_tensors(self) -> tuple[Tensor, Tensor]:
         """The test split ``(x_uint8, y)``; counted in ``test_accesses``."""

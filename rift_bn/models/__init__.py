@@ -150,11 +150,14 @@ def candidate_modules(model: nn.Module, kinds: set[str]) -> list[tuple[str, nn.M
 
 
 @contextmanager
-def frozen(model: nn.Module) -> Iterator[None]:
-    """Eval mode and ``requires_grad=False`` for every parameter; modes and flags restored on exit."""
+def frozen(model: nn.Module, eval_mode: bool = True) -> Iterator[None]:
+    """``requires_grad=False`` for every parameter and (``eval_mode``) eval mode; restored on exit.
+
+    ``eval_mode=False`` keeps each module's train/eval mode as it is (a training-mode attack)."""
     modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
+    if eval_mode:
+        model.eval()
     for p, _ in flags:
         p.requires_grad_(False)
     try:

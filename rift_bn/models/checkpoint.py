@@ -25,6 +25,13 @@ NORMALIZATION_KEYS: frozenset[str] = frozenset({"normalize.mean", "normalize.std
 MISMATCH_FIX = "check model=, model.width= and data= (number of classes)"
 
 
+# What a checkpoint must be, said whenever a file is not one.
+CHECKPOINT_FORMS = (
+    "a checkpoint is a file written by torch.save: a state_dict (a dict of tensors, possibly under "
+    "'state_dict', 'model' or 'net') or a Lightning .ckpt"
+)
+
+
 class CheckpointError(Exception):
     """A checkpoint cannot be read or does not fit the model (one-line message)."""
 
@@ -99,7 +106,8 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         detail = _refusal_detail(str(exc))
         if detail is None:  # not an object/code refusal: a damaged or non-torch pickle stream
             raise CheckpointError(
-                f"base.checkpoint={path}: unreadable or corrupt checkpoint ({_unpickler_reason(exc)})"
+                f"base.checkpoint={path}: unreadable or corrupt checkpoint ({_unpickler_reason(exc)}); "
+                f"{CHECKPOINT_FORMS}"
             ) from exc
         raise CheckpointError(
             f"base.checkpoint={path}: refused: the file contains pickled code/objects ({detail}), and only "
@@ -107,14 +115,14 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         ) from exc
     except Exception as exc:  # corrupt, truncated or not a torch file at all
         raise CheckpointError(
-            f"base.checkpoint={path}: unreadable or corrupt checkpoint "
-            f"({type(exc).__name__}: {_first_line(exc)})"
+            f"base.checkpoint={path}: unreadable or corrupt checkpoint, or not a torch file "
+            f"({type(exc).__name__}: {_first_line(exc)}); {CHECKPOINT_FORMS}"
         ) from exc
 
     obj = _unwrap(obj)
     if not isinstance(obj, Mapping):
         raise CheckpointError(
-            f"base.checkpoint={path}: holds a {type(obj).__name__}, not a state_dict (a mapping of tensors)"
+            f"base.checkpoint={path}: holds a {type(obj).__name__}, not a state_dict; {CHECKPOINT_FORMS}"
         )
     state = {
         str(k): v
@@ -122,7 +130,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         if isinstance(v, Tensor) and _strip_known_prefixes(str(k)) not in NORMALIZATION_KEYS
     }
     if not state:
-        raise CheckpointError(f"base.checkpoint={path}: contains no tensors (keys: {_preview(list(obj))})")
+        raise CheckpointError(
+            f"base.checkpoint={path}: contains no tensors (keys: {_preview(list(obj))}); {CHECKPOINT_FORMS}"
+        )
 
     stripped = True
     while stripped:

@@ -11,7 +11,8 @@ from rift_bn.modules.common import RobustClassifier
 
 
 class AdversarialTraining(RobustClassifier):
-    """Train on PGD examples (generated in eval mode); remember the weights with the best val robust acc."""
+    """Train on PGD examples of ``train_attack`` (its ``train_mode``: crafted in train mode as Bag-of-Tricks
+    does, or in eval mode); remember the weights with the best validation robust accuracy."""
 
     acc_name = "robust_acc"  # logged as train/<acc_name>
 
@@ -27,9 +28,19 @@ class AdversarialTraining(RobustClassifier):
         milestones: tuple[int, ...] = (100, 105),
         gamma: float = 0.1,
         channels_last: bool = False,
+        eval_precision: str = "32-true",
     ) -> None:
         super().__init__(
-            model, eval_attack, num_classes, channels_last, lr, momentum, weight_decay, milestones, gamma
+            model,
+            eval_attack,
+            num_classes,
+            channels_last,
+            lr,
+            momentum,
+            weight_decay,
+            milestones,
+            gamma,
+            eval_precision,
         )
         self.train_attack = train_attack
         self.best_robust_acc = -1.0

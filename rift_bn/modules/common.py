@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,6 +14,31 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from rift_bn.attacks import PGD
 from rift_bn.data import augment, to_float
+from rift_bn.evaluate import autocast
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global random stream (torch CPU and CUDA, numpy, Python) as tensors and plain values, so a
+    checkpoint holding them still loads with ``torch.load(weights_only=True)``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, state, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+        "python": [version, list(state), py_gauss],
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` collected."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, state, py_gauss = states["python"]
+    random.setstate((version, tuple(state), py_gauss))
 
 
 class RobustClassifier(L.LightningModule):
@@ -20,6 +47,7 @@ class RobustClassifier(L.LightningModule):
     Batches arrive as uint8; ``on_after_batch_transfer`` turns them into [0, 1] floats on the
     training device and augments training batches there (crop + flip, batched). Training is SGD with
     momentum over the trainable parameters, lr x ``gamma`` at each of ``milestones`` (epochs).
+    Validation runs in ``eval_precision`` ('32-true': float32 even under a bf16-mixed Trainer).
     """
 
     acc_name = "acc"  # logged as train/<acc_name>
@@ -35,9 +63,11 @@ class RobustClassifier(L.LightningModule):
         weight_decay: float = 5e-4,
         milestones: tuple[int, ...] = (),
         gamma: float = 0.1,
+        eval_precision: str = "32-true",
     ) -> None:
         super().__init__()
         self.model = model
+        self.eval_precision = eval_precision
         self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         self.milestones, self.gamma = list(milestones), gamma
         self.eval_attack = eval_attack
@@ -45,6 +75,7 @@ class RobustClassifier(L.LightningModule):
         self.val_clean = MulticlassAccuracy(num_classes, average="micro")
         self.val_robust = MulticlassAccuracy(num_classes, average="micro")
         self.history: list[dict[str, float]] = []
+        self._rng_to_restore: dict[str, Any] | None = None
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -86,12 +117,14 @@ class RobustClassifier(L.LightningModule):
             )
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        """Clean and PGD accuracy in ``eval_precision`` (float32 by default, whatever the training's)."""
         x, y = batch
-        with torch.no_grad():
-            self.val_clean.update(self.model(x), y)
-        x_adv = self.eval_attack(self.model, x, y)
-        with torch.no_grad():
-            self.val_robust.update(self.model(x_adv), y)
+        with autocast(x.device, self.eval_precision):
+            with torch.no_grad():
+                self.val_clean.update(self.model(x), y)
+            x_adv = self.eval_attack(self.model, x, y)
+            with torch.no_grad():
+                self.val_robust.update(self.model(x_adv), y)
 
     def on_validation_epoch_end(self) -> None:
         clean, robust = 100 * self.val_clean.compute().item(), 100 * self.val_robust.compute().item()
@@ -120,10 +153,21 @@ class RobustClassifier(L.LightningModule):
         """Hook for subclasses (the best-checkpoint tracking of adversarial training)."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """History and every random stream the run draws from (torch CPU and CUDA, numpy, Python): the
+        augmentation and the attacks' random starts go on where they stood, so a resumed run equals an
+        uninterrupted one (the data order is seeded by the epoch itself)."""
         checkpoint["history"] = list(self.history)
+        checkpoint["rng"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.history = list(checkpoint.get("history", []))
+        self._rng_to_restore = checkpoint.get("rng")
+
+    def on_train_start(self) -> None:
+        # after Lightning has restored the checkpoint and before the first batch of the resumed epoch
+        if self._rng_to_restore is not None:
+            set_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
 
 
 def quiet_trainer(**overrides: Any) -> L.Trainer:

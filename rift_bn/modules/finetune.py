@@ -24,9 +24,19 @@ class FineTuning(RobustClassifier):
         milestones: tuple[int, ...] = (5,),
         gamma: float = 0.1,
         channels_last: bool = False,
+        eval_precision: str = "32-true",
     ) -> None:
         super().__init__(
-            model, eval_attack, num_classes, channels_last, lr, momentum, weight_decay, milestones, gamma
+            model,
+            eval_attack,
+            num_classes,
+            channels_last,
+            lr,
+            momentum,
+            weight_decay,
+            milestones,
+            gamma,
+            eval_precision,
         )
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--kde-images", type=int, default=256, help="selection-split images for Figure 3 (default 256)"
     )
+    p.add_argument(
+        "--kde-per-model-attack",
+        action="store_true",
+        help="Figure 3: attack each model itself (default: make the adversarial examples once, on the base "
+        "model, with the runs' own attack settings, and feed them to every model)",
+    )
     p.add_argument("--device", default=None, help="torch device for Figure 3 (default: cuda if available)")
     a = p.parse_args(argv)
 
@@ -33,7 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         report = make_report(
-            a.dirs, a.out, kde=not a.no_kde, wandb=not a.no_wandb, kde_images=a.kde_images, device=a.device
+            a.dirs,
+            a.out,
+            kde=not a.no_kde,
+            wandb=not a.no_wandb,
+            kde_images=a.kde_images,
+            device=a.device,
+            kde_per_model_attack=a.kde_per_model_attack,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -110,7 +110,12 @@ def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
 
 
 def _experiment_figures(
-    e: Experiment, exps: Sequence[Experiment], kde: bool, kde_images: int, device: str | None
+    e: Experiment,
+    exps: Sequence[Experiment],
+    kde: bool,
+    kde_images: int,
+    device: str | None,
+    kde_per_model_attack: bool = False,
 ) -> list[tuple[str, Figure | None, str]]:
     """``(stem template, figure or None, why not)`` for one experiment; ``{tag}`` marks the tag's place."""
     rs = e.runs
@@ -139,7 +144,8 @@ def _experiment_figures(
         ),
     ]
     if kde:
-        wanted.append(("fig_bn_kde_{tag}", *_kde_figure(rs, _title(e, "", exps), kde_images, device)))
+        fig_why = _kde_figure(rs, _title(e, "", exps), kde_images, device, kde_per_model_attack)
+        wanted.append(("fig_bn_kde_{tag}", *fig_why))
     else:
         wanted.append(("fig_bn_kde_{tag}", None, "--no-kde"))
     return wanted
@@ -151,9 +157,11 @@ def report_figures(
     kde_images: int = 256,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    kde_per_model_attack: bool = False,
 ) -> tuple[dict[str, Figure], dict[str, str]]:
     """Every figure for ``runs``, one set per experiment, by file stem; and ``{stem: reason}`` for those
-    that could not be drawn.
+    that could not be drawn. Figure 3's adversarial examples are made once on the base model, or against
+    each model with ``kde_per_model_attack`` (:func:`rift_bn.report.kde.kde_samples`).
 
     A stem carries the setting's tag (``fig_interpolation_cifar10``) when one experiment of that setting has
     the figure, and each experiment's tag (``..._cifar10_exp2``) when several have it.
@@ -161,7 +169,7 @@ def report_figures(
     exps = experiments(runs)
     made: dict[tuple[str, str], list[tuple[Experiment, Figure | None, str]]] = {}
     for e in exps:
-        for template, fig, why in _experiment_figures(e, exps, kde, kde_images, device):
+        for template, fig, why in _experiment_figures(e, exps, kde, kde_images, device, kde_per_model_attack):
             made.setdefault((e.setting_tag, template), []).append((e, fig, why))
     figures: dict[str, Figure] = {}
     skipped: dict[str, str] = {}
@@ -188,12 +196,14 @@ def make_report(
     kde_images: int = 256,
     device: str | None = None,
     log: Callable[[str], None] = print,
+    kde_per_model_attack: bool = False,
 ) -> Report:
     """Gather ``results.json`` below ``dirs``; write tables and figures to ``out`` (default: DIR/report).
 
     Runs are pooled over seeds only within one experiment (same config up to the seed): each experiment
     gets its own table section and figures. Figure 3 needs the runs' checkpoints and data (else skipped
-    with the reason); W&B logging happens only when the runs logged to W&B.
+    with the reason); its adversarial examples are made once on the base model with the runs' attack, or
+    against each model with ``kde_per_model_attack``. W&B logging happens only when the runs logged to W&B.
     """
     if not dirs:
         raise ValueError("give at least one run or sweep directory")
@@ -209,42 +219,60 @@ def make_report(
     exps = experiments(runs)
     log(f"{len(runs)} run(s) ({n_ft} fine-tuned, {len(exps)} experiment(s)) from {len(dirs)} folder(s)")
     t1, lt, files = write_tables(runs, out_dir, log, loaded.notes)
-    figures, skipped = report_figures(runs, kde, kde_images, device, log)
+    figures, skipped = report_figures(runs, kde, kde_images, device, log, kde_per_model_attack)
     for stem, fig in figures.items():
         files += save(fig, out_dir, stem)
     report = Report(out_dir, runs, t1, lt, figures, files, skipped, None, exps, loaded.notes, loaded.missing)
     if wandb:
-        report.wandb_dir = _log_wandb(report, log)
+        report.wandb_dir = _log_wandb(report, log, first)
     return report
 
 
 def _kde_figure(
-    runs: list[dict], prefix: str, n_images: int, device: str | None
+    runs: list[dict], prefix: str, n_images: int, device: str | None, per_model_attack: bool = False
 ) -> tuple[Figure | None, str]:
-    from rift_bn.report.kde import kde_samples, plan_kde
+    from rift_bn.report.kde import FINETUNED, bn_stats_text, kde_samples, plan_kde
 
     plan, why = plan_kde(runs)
     if plan is None:
         return None, why
     try:
-        samples = kde_samples(plan, n_images=n_images, device=device, seed=int(plan.rift_bn.get("seed") or 0))
+        samples = kde_samples(
+            plan,
+            n_images=n_images,
+            device=device,
+            seed=int(plan.rift_bn.get("seed") or 0),
+            per_model_attack=per_model_attack,
+        )
     except Exception as exc:  # missing checkpoint or data, or a checkpoint that does not fit: skip, say why
         return None, f"{type(exc).__name__}: {exc}"
-    title = (
-        f"{prefix.rstrip(': ')}, top-{plan.k}, seed {plan.rift_bn.get('seed')}:\n"
-        f"BN outputs on PGD-10 examples made against each model ({plan.images} selection-split images)"
+    made = (
+        "made against each model (white-box)"
+        if plan.per_model_attack
+        else "made once on the base model (init) and fed to every model"
     )
-    legend = {
-        label: f"{label} ($\\alpha^*$={r.get('alpha'):g})"
-        for label, r in (("RiFT", plan.rift), ("RiFT with BN", plan.rift_bn))
-        if r.get("alpha") is not None
-    }
-    return plot_bn_kde(samples, title, plan.notes, legend), ""
+    lines = [
+        f"{prefix.rstrip(': ')}, top-{plan.k}, seed {plan.rift_bn.get('seed')}: BN outputs on adversarial "
+        f"examples of {plan.images} selection-split images",
+        f"Examples: the runs' attack, {plan.attack}, {made}. {bn_stats_text(plan)}.",
+        f"Layers: {plan.layer_reason}.",
+        *(f"Note: {n}." for n in [*plan.omitted, plan.data_note] if n),
+    ]
+    legend: dict[str, str] = {}
+    for label, r in (("RiFT", plan.rift), ("RiFT with BN", plan.rift_bn)):
+        if r.get("alpha") is None:
+            continue
+        a = float(r["alpha"])
+        same = {0.0: " = init", 1.0: " = fine-tuned"}.get(a, "")
+        legend[label] = f"{label} $\\theta(\\alpha^*)$, $\\alpha^*$={a:g}{same}"
+        legend[FINETUNED[label]] = f"{label} fine-tuned ($\\alpha$=1)"
+    return plot_bn_kde(samples, "\n".join(lines), plan.notes, legend), ""
 
 
-def _log_wandb(report: Report, log: Callable[[str], None]) -> str | None:
-    """A ``job_type="report"`` W&B run in the runs' project/group with Table 1 and every figure."""
-    target = wandb_target(report.runs)
+def _log_wandb(report: Report, log: Callable[[str], None], first: Path | None = None) -> str | None:
+    """A ``job_type="report"`` W&B run with Table 1 and every figure, in the runs' project and the group of
+    the report's first folder (where the report is written)."""
+    target = wandb_target(report.runs, first)
     if target is None:
         return None
     if os.environ.get("WANDB_MODE") == "disabled":

@@ -1,8 +1,11 @@
 """Gather ``results.json`` files below run/sweep directories and describe each run for tables and figures.
 
 Runs are pooled over seeds only within one *experiment*: the same resolved config up to ``seed``, the
-table's own rows (``method``, ``k``, ``stage``, ``mrc.estimator``) and the settings that change no number
-(:data:`NON_RESULT_KEYS`); a user-given ``base.checkpoint`` may differ only by the seed in its path.
+table's own rows (``method``, ``k``, ``stage``, ``finetune.bn_stats``, ``mrc.estimator``) and the settings
+that change no number (:data:`NON_RESULT_KEYS`); a user-given ``base.checkpoint`` may differ only by the
+seed in its path. ``finetune.bn_stats`` (which BN layers' running statistics adapt while fine-tuning) is a
+row of Table 1, not an experiment: RiFT (``all`` by default) and RiFT with BN (``selected``) are compared in
+one table, and a sweep over ``finetune.bn_stats`` gives one row per mode.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from typing import Any
 from rift_bn.config import NON_RESULT_KEYS
 
 __all__ = [
+    "BN_STATS_TEXT",
     "DATASET_LABELS",
+    "DEFAULT_BN_STATS",
     "LAYER_TYPE_METHODS",
     "METHOD_LABELS",
     "MISSING_REASON",
@@ -29,6 +34,9 @@ __all__ = [
     "Experiment",
     "Loaded",
     "Setting",
+    "bn_stats",
+    "bn_stats_label",
+    "bn_stats_order",
     "check_one_experiment",
     "dataset_label",
     "dedupe",
@@ -67,8 +75,18 @@ ROW_KEYS: tuple[str, ...] = (
     "method.name",
     "method.kinds",
     "method.selection",
+    "method.bn_stats",
+    "finetune.bn_stats",
     "mrc.estimator",
 )
+# finetune.bn_stats: what each mode means, and each method's default (rift = the original RiFT code).
+BN_STATS_TEXT: dict[str, str] = {
+    "all": "every BN layer's running statistics adapt (finetune.bn_stats=all, as the original RiFT code)",
+    "selected": "only the selected BN layers' running statistics adapt (finetune.bn_stats=selected)",
+    "none": "no BN layer's running statistics adapt (finetune.bn_stats=none)",
+}
+DEFAULT_BN_STATS: dict[str, str] = {"rift": "all", "rift_bn": "selected"}
+_BN_STATS_ORDER = ("all", "selected", "none")
 MISSING_REASON = "no results.json; the job failed or is still running"
 _HIDDEN_CHOICES = ("method", "logger")  # Hydra group choices that never tell experiments apart
 
@@ -135,6 +153,31 @@ def estimator(r: dict) -> str:
     if rows and rows[0].get("estimator"):
         return str(rows[0]["estimator"])
     return str(((r.get("config") or {}).get("mrc") or {}).get("estimator") or "exact")
+
+
+def bn_stats(r: dict) -> str:
+    """The fine-tuning run's ``finetune.bn_stats`` (``""`` for a base-model-only run).
+
+    Read from the top-level ``bn_stats``, else from ``config.finetune.bn_stats``; runs written before either
+    existed used ``selected`` for every method.
+    """
+    if r.get("stage") != "finetune":
+        return ""
+    if r.get("bn_stats"):
+        return str(r["bn_stats"])
+    cfg = (r.get("config") or {}).get("finetune") or {}
+    return str(cfg.get("bn_stats") or "selected")
+
+
+def bn_stats_order(method: str, mode: str) -> tuple[int, int, str]:
+    """Sort key of a method's BN-statistics modes: its default first, then all, selected, none."""
+    known = _BN_STATS_ORDER.index(mode) if mode in _BN_STATS_ORDER else len(_BN_STATS_ORDER)
+    return (DEFAULT_BN_STATS.get(method) != mode, known, mode)
+
+
+def bn_stats_label(mode: str) -> str:
+    """`` (BN stats: none)``: the suffix of a row or line whose method has several modes (``""`` for none)."""
+    return f" (BN stats: {mode})" if mode else ""
 
 
 def row_estimator(r: dict) -> str:
@@ -274,12 +317,17 @@ def _label(e: Experiment, diff: Sequence[tuple[str, str]], most: int = 4) -> str
 
 
 def experiments(runs: Sequence[dict]) -> list[Experiment]:
-    """The runs grouped into experiments, in first-seen order, with tags and distinguishing labels."""
+    """The runs grouped into experiments, with tags and distinguishing labels.
+
+    Experiments are ordered (and numbered, ``_exp1``, ``_exp2``) by the path of their first
+    ``results.json``, then in first-seen order: the same runs get the same tags whatever order their
+    folders were given in (``python -m rift_bn.report A B``, ``... B A``, their parent, the notebook).
+    """
     found: dict[str, Experiment] = {}
     for r, key in zip(runs, _keys(runs), strict=True):
         e = found.setdefault(key, Experiment(key, setting(r), []))
         e.runs.append(r)
-    out = list(found.values())
+    out = sorted(found.values(), key=lambda e: min(str(r.get("_path") or "") for r in e.runs))
     for e in out:
         rep = next((r for r in e.runs if r.get("stage") == "finetune"), e.runs[0])
         e.config = experiment_config(rep)
@@ -340,14 +388,14 @@ def _choices(job: Path) -> dict[str, str]:
 
 
 def dedupe(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
-    """One run per job (experiment, stage, method, k, estimator, seed): the newest ``results.json``.
+    """One run per job (experiment, stage, method, k, estimator, bn_stats, seed): the newest ``results.json``.
 
     Returns the kept runs (in first-seen order) and one note per job found more than once.
     """
     copies: dict[tuple, list[dict]] = {}
     for r, key in zip(runs, _keys(runs), strict=True):
         method = (r.get("config") or {}).get("method") or {}
-        job = (key, r.get("stage"), r.get("method"), r.get("k"), row_estimator(r), r.get("seed"))
+        job = (key, r.get("stage"), r.get("method"), r.get("k"), row_estimator(r), bn_stats(r), r.get("seed"))
         job += (json.dumps([method.get("kinds"), method.get("selection")], default=str),)
         copies.setdefault(job, []).append(r)
     kept: list[dict] = []
@@ -421,12 +469,22 @@ def _group(r: dict) -> str:
     return "run-" + "-".join(run_dir.parts[-2:])
 
 
-def wandb_target(runs: list[dict]) -> dict[str, Any] | None:
-    """``{project, entity, group, groups}`` of the runs logged to W&B (most common group), or ``None``."""
+def _below(r: dict, folder: Path) -> bool:
+    path = r.get("_path")
+    return bool(path) and (folder == Path(path).resolve() or folder in Path(path).resolve().parents)
+
+
+def wandb_target(runs: list[dict], first: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+    """``{project, entity, group, groups}`` of the runs logged to W&B, or ``None``. The group is that of the
+    runs below ``first`` (the report's first folder, where it is written), else the most common one."""
     logged = [r for r in runs if ((r.get("config") or {}).get("logger") or {}).get("name") == "wandb"]
     if not logged:
         return None
     groups = Counter(_group(r) for r in logged)
+    mine: Counter[str] = Counter()
+    if first is not None:
+        folder = Path(first).resolve()
+        mine = Counter(_group(r) for r in logged if _below(r, folder))
     projects = Counter(str(r["config"]["logger"].get("project") or "rift_bn") for r in logged)
     entity = next(
         (r["config"]["logger"].get("entity") for r in logged if r["config"]["logger"].get("entity")), None
@@ -434,6 +492,6 @@ def wandb_target(runs: list[dict]) -> dict[str, Any] | None:
     return {
         "project": projects.most_common(1)[0][0],
         "entity": entity,
-        "group": groups.most_common(1)[0][0],
+        "group": (mine or groups).most_common(1)[0][0],
         "groups": sorted(groups),
     }

@@ -8,6 +8,7 @@ for a figure across both columns. :func:`save` writes PNG (dpi 200) and PDF.
 from __future__ import annotations
 
 import contextlib
+import textwrap
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -18,11 +19,20 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from rift_bn.report.collect import METHOD_LABELS, check_one_experiment, dataset_label, row_estimator
+from rift_bn.report.collect import (
+    METHOD_LABELS,
+    bn_stats,
+    bn_stats_label,
+    bn_stats_order,
+    check_one_experiment,
+    dataset_label,
+    row_estimator,
+)
 
 __all__ = [
     "METHOD_COLORS",
     "TYPE_COLORS",
+    "KDE_COLORS",
     "plot_bn_kde",
     "plot_interpolation",
     "plot_layer_types",
@@ -44,6 +54,10 @@ METHOD_COLORS: dict[str, str] = {
     "full": "#55A868",
 }
 METHOD_STYLES: dict[str, str] = {"rift": "--", "rift_bn": "-", "init": ":", "base": ":"}
+BN_STATS_STYLES: dict[str, str] = {"selected": "-", "all": "--", "none": ":"}  # lines of one layer type
+ALT_STYLES: tuple = (":", "-.", (0, (5, 1, 1, 1, 1, 1)), "--")  # a method's non-default BN-statistics modes
+SERIES_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")  # one per k within a method
+DODGE_SPAN = 0.05  # interpolation curves: total sideways spread (alpha units) that keeps equal curves apart
 ESTIMATOR_HATCH: dict[str, str] = {"exact": "", "linear": "////"}
 
 
@@ -104,19 +118,29 @@ def _column_legend(fig: Figure, columns: list[list[tuple[object, str]]]) -> None
     fig.legend(handles, labels, loc="outside lower center", ncol=len(columns), frameon=False)
 
 
+def _several_modes(keys: Sequence[tuple]) -> set[str]:
+    """Methods that occur with more than one BN-statistics mode among ``(method, bn_stats, ...)`` keys."""
+    seen: dict[str, set[str]] = {}
+    for key in keys:
+        seen.setdefault(key[0], set()).add(key[1])
+    return {m for m, modes in seen.items() if len(modes) > 1}
+
+
 def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
     """Figures 1-2: clean and robust accuracy (selection split) per fine-tuning epoch, a line per layer type.
 
     ``runs`` are the bn_only / conv_linear_only / full runs of one experiment (``ValueError`` otherwise);
-    epoch 0 is the base model. Several seeds give the mean line and a ±1 std band.
+    epoch 0 is the base model. Several seeds give the mean line and a ±1 std band; runs of one layer type
+    with different ``finetune.bn_stats`` are separate lines, never seeds of one.
     """
     check_one_experiment(runs, "plot_layer_types")
-    by_method: dict[str, list[list[dict]]] = {}
+    by_method: dict[tuple[str, str], list[list[dict]]] = {}
     for r in runs:
         if r.get("history"):
-            by_method.setdefault(r["method"], []).append(r["history"])
-    order = [m for m in ("bn_only", "conv_linear_only", "full") if m in by_method]
-    order += sorted(set(by_method) - set(order))
+            by_method.setdefault((r["method"], bn_stats(r)), []).append(r["history"])
+    rank = {m: i for i, m in enumerate(("bn_only", "conv_linear_only", "full"))}
+    order = sorted(by_method, key=lambda mb: (rank.get(mb[0], 9), mb[0], bn_stats_order(*mb)))
+    several = _several_modes(order)
     with style():
         fig = Figure(figsize=(FULL_WIDTH, 2.6), layout="constrained")
         axes = fig.subplots(1, 2)
@@ -127,13 +151,15 @@ def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
                 curves = [[(h["epoch"], h[metric]) for h in hist] for hist in by_method[m]]
                 x, mean, std = _mean_std(curves)
                 n = len(curves)
-                color = METHOD_COLORS.get(m)
+                color = METHOD_COLORS.get(m[0])
+                label = METHOD_LABELS.get(m[0], m[0]) + (bn_stats_label(m[1]) if m[0] in several else "")
                 ax.plot(
                     x,
                     mean,
                     marker="o",
                     color=color,
-                    label=METHOD_LABELS.get(m, m) + (f" (n={n})" if n > 1 else ""),
+                    linestyle=BN_STATS_STYLES.get(m[1], "-") if m[0] in several else "-",
+                    label=label + (f" (n={n})" if n > 1 else ""),
                 )
                 if n > 1:
                     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
@@ -150,41 +176,58 @@ def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
 
 
 def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
-    """Clean and robust accuracy (selection split) against alpha, one line per (method, k, MRC estimator).
+    """Clean and robust accuracy (selection split) against alpha, one line per (method, finetune.bn_stats, k,
+    MRC estimator).
 
     ``runs`` must be one experiment (``ValueError`` otherwise). Several seeds per line give the mean line;
-    the star sits at the most frequent alpha*.
+    the star sits at the most frequent alpha*. A method run with several BN-statistics modes gets a legend
+    column per mode (``RiFT with BN (BN stats: none), k=1``).
     """
     check_one_experiment(runs, "plot_interpolation")
-    series: dict[tuple[str, int | None, str], list[dict]] = {}
+    series: dict[tuple[str, str, int | None, str], list[dict]] = {}
     for r in runs:
         if r.get("interpolation"):
-            series.setdefault((r["method"], r.get("k"), row_estimator(r)), []).append(r)
+            series.setdefault((r["method"], bn_stats(r), r.get("k"), row_estimator(r)), []).append(r)
     keys = sorted(
         series,
         key=lambda mk: (
             ("rift", "rift_bn").index(mk[0]) if mk[0] in ("rift", "rift_bn") else 9,
             mk[0],
-            mk[2] != "exact",
-            mk[2],
-            mk[1] or 0,
+            bn_stats_order(mk[0], mk[1]),
+            mk[3] != "exact",
+            mk[3],
+            mk[2] or 0,
         ),
     )
-    methods = sorted({m for m, _, _ in keys})
+    several = _several_modes(keys)
+    methods = list(dict.fromkeys((m, b) for m, b, _, _ in keys))
+    # Curves often coincide (two k that select the same modules, alpha* = 0 for several runs): each series
+    # is shifted a little sideways and gets its own marker, so no line or star hides another.
+    step = min(0.015, DODGE_SPAN / (len(keys) - 1)) if len(keys) > 1 else 0.0
+    dodge = {key: step * (i - (len(keys) - 1) / 2) for i, key in enumerate(keys)}
     with style():
         fig = Figure(figsize=(FULL_WIDTH, 2.8), layout="constrained")
         axes = fig.subplots(1, 2)
         columns: list[list[tuple[object, str]]] = []
-        for method in methods:
+        for method, mode in methods:
             columns.append([])
-            ks = [(k, est) for m, k, est in keys if m == method]
+            ks = [(k, est) for m, b, k, est in keys if (m, b) == (method, mode)]
             base = METHOD_COLORS.get(method, "#777777")
             shades = sns.light_palette(base, n_colors=len(ks) + 2)[2:] if len(ks) > 1 else [base]
-            for color, (k, est) in zip(shades, ks, strict=True):
-                rs = series[(method, k, est)]
+            # the method's first (default) mode keeps its line style; its other modes get other styles
+            others = [b for m, b in methods if m == method]
+            style_ = METHOD_STYLES.get(method, "-")
+            if others.index(mode) > 0:
+                alt = [st for st in ALT_STYLES if st != style_]
+                style_ = alt[(others.index(mode) - 1) % len(alt)]
+            for i, (color, (k, est)) in enumerate(zip(shades, ks, strict=True)):
+                rs = series[(method, mode, k, est)]
+                shift = dodge[(method, mode, k, est)]
                 alphas = Counter(r["alpha"] for r in rs if r.get("alpha") is not None)
                 a_star = min(alphas, key=lambda a: (-alphas[a], a)) if alphas else None
-                label = METHOD_LABELS.get(method, method) + (f", k={k}" if k is not None else "")
+                label = METHOD_LABELS.get(method, method)
+                label += bn_stats_label(mode) if method in several else ""
+                label += f", k={k}" if k is not None else ""
                 label += f" ({est} MRC)" if est not in ("", "exact") else ""
                 label += f" (n={len(rs)})" if len(rs) > 1 else ""
                 for ax, metric in zip(axes, ("clean_acc", "robust_acc"), strict=True):
@@ -192,16 +235,18 @@ def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
                         [[(p["alpha"], p[metric]) for p in r["interpolation"]] for r in rs]
                     )
                     (line,) = ax.plot(
-                        x,
+                        x + shift,
                         mean,
                         color=color,
-                        linestyle=METHOD_STYLES.get(method, "-"),
-                        marker=".",
+                        linestyle=style_,
+                        marker=SERIES_MARKERS[i % len(SERIES_MARKERS)],
+                        markersize=3.5,
+                        alpha=0.9,
                         label=label,
                     )
                     if a_star is not None and np.isclose(x, a_star).any():
                         ax.scatter(
-                            [a_star],
+                            [a_star + shift],
                             [mean[np.isclose(x, a_star)][0]],
                             marker="*",
                             s=70,
@@ -224,7 +269,13 @@ def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
             markersize=9,
             linestyle="none",
         )
-        _column_legend(fig, [*columns, [(star, r"chosen $\alpha^*$")]])
+        notes = [(star, r"chosen $\alpha^*$")]
+        if step:
+            offset = max(abs(d) for d in dodge.values())
+            blank = mpl.lines.Line2D([], [], linestyle="none")
+            text = rf"curves offset $\pm${offset:.2g} in $\alpha$" + "\nso that none hides another"
+            notes.append((blank, text))
+        _column_legend(fig, [*columns, notes])
         fig.suptitle(
             title
             or r"Interpolation $\theta(\alpha) = (1-\alpha)\,\theta_{AT} + \alpha\,\theta_{FT}$"
@@ -324,6 +375,22 @@ def plot_mrc(
     return fig
 
 
+KDE_COLORS: dict[str, str] = {
+    "init": METHOD_COLORS["init"],
+    "RiFT": METHOD_COLORS["rift"],
+    "RiFT with BN": METHOD_COLORS["rift_bn"],
+    "RiFT (fine-tuned)": "#8DA9D9",
+    "RiFT with BN (fine-tuned)": "#E39A9C",
+}
+KDE_STYLES: dict[str, object] = {
+    "init": ":",
+    "RiFT": "--",
+    "RiFT with BN": "-",
+    "RiFT (fine-tuned)": "-.",
+    "RiFT with BN (fine-tuned)": (0, (5, 1, 1, 1, 1, 1)),
+}
+
+
 def plot_bn_kde(
     samples: Mapping[str, Mapping[str, np.ndarray]],
     title: str | None = None,
@@ -333,34 +400,33 @@ def plot_bn_kde(
     """Figure 3: KDE of BN-layer outputs on adversarial examples, one panel per layer, one line per model.
 
     ``samples[layer][model]`` is a 1-D array of output values, ``model`` in ``init``, ``RiFT``,
-    ``RiFT with BN``; ``panel_note[layer]`` is added to a panel title, ``legend_labels[model]`` replaces
-    the model's legend text (e.g. with its alpha*).
+    ``RiFT with BN`` (theta(alpha*)) and ``RiFT (fine-tuned)``, ``RiFT with BN (fine-tuned)`` (alpha = 1),
+    see :func:`rift_bn.report.kde.kde_samples`; ``panel_note[layer]`` is added to a panel title,
+    ``legend_labels[model]`` replaces the model's legend text (e.g. with its alpha*). ``title`` may have
+    several lines (a caption: which examples, which layers); each is wrapped to the figure's width.
     """
     panel_note, legend_labels = panel_note or {}, legend_labels or {}
     layers = list(samples)
     ncols = min(len(layers), 2)
     nrows = -(-len(layers) // ncols)
-    colors = {
-        "init": METHOD_COLORS["init"],
-        "RiFT": METHOD_COLORS["rift"],
-        "RiFT with BN": METHOD_COLORS["rift_bn"],
-    }
-    styles = {"init": ":", "RiFT": "--", "RiFT with BN": "-"}
+    width = FULL_WIDTH if ncols > 1 else 4.6
     with style():
-        fig = Figure(figsize=(COL_WIDTH * ncols, 2.4 * nrows + 0.5), layout="constrained")
+        fig = Figure(figsize=(width, 2.4 * nrows + 0.9), layout="constrained")
         axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+        handles: dict[str, object] = {}
         for ax, layer in zip(axes, layers, strict=False):
             for label, values in samples[layer].items():
                 lo, hi = np.percentile(values, [0.5, 99.5])
                 sns.kdeplot(
                     x=values,
                     ax=ax,
-                    color=colors.get(label),
-                    linestyle=styles.get(label, "-"),
+                    color=KDE_COLORS.get(label),
+                    linestyle=KDE_STYLES.get(label, "-"),
                     label=legend_labels.get(label, label),
                     clip=(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo)),
                     bw_adjust=1.0,
                 )
+                handles.setdefault(label, ax.lines[-1])
             all_vals = np.concatenate([np.asarray(v) for v in samples[layer].values()])
             lo, hi = np.percentile(all_vals, [0.5, 99.5])
             ax.set_xlim(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo))
@@ -369,10 +435,17 @@ def plot_bn_kde(
             ax.set_ylabel("Density")
         for ax in axes[len(layers) :]:
             ax.set_visible(False)
-        handles, labels = axes[0].get_legend_handles_labels()
-        _legend_below(fig, handles, labels, ncol=len(labels))
+        # one legend column per model family: init | RiFT theta(alpha*), fine-tuned | RiFT with BN ...
+        groups = [["init"], ["RiFT", "RiFT (fine-tuned)"], ["RiFT with BN", "RiFT with BN (fine-tuned)"]]
+        groups += [[k] for k in handles if not any(k in g for g in groups)]
+        columns = [[(handles[k], legend_labels.get(k, k)) for k in g if k in handles] for g in groups]
+        _column_legend(fig, [c for c in columns if c])
         if title:
-            fig.suptitle(title)
+            chars = int(width * 15)  # about 15 characters per inch at the title's font size
+            fig.suptitle(
+                "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.splitlines()),
+                fontsize=7.5,
+            )
     return fig
 
 

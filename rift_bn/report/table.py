@@ -4,6 +4,9 @@ Numbers are test-split accuracies in percent from ``results.json``. Runs are poo
 one experiment (:func:`rift_bn.report.collect.experiments`), one run per seed, giving mean, sample std
 (``ddof=1``) and ``n`` = the number of distinct seeds. With ``n == 1`` the std is left empty (NaN in the
 CSV, omitted in Markdown). Deltas are taken per run (fine-tuned minus that run's own base), then averaged.
+A row is (method, BN-statistics mode ``finetune.bn_stats``, k, MRC estimator): the caption states each
+method's mode, and a method run with several modes (an ablation) gets one row per mode, labelled e.g.
+``RiFT with BN (BN stats: none)``; the CSV has a ``bn_stats`` column.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import numpy as np
 import pandas as pd
 
 from rift_bn.report.collect import (
+    BN_STATS_TEXT,
     LAYER_TYPE_METHODS,
     METHOD_LABELS,
     TOPK_METHODS,
+    bn_stats,
+    bn_stats_label,
+    bn_stats_order,
     experiments,
     interpolation_alphas,
     row_estimator,
@@ -28,6 +35,7 @@ from rift_bn.report.collect import (
 __all__ = [
     "METRICS",
     "aggregate",
+    "bn_stats_caption",
     "final_model_text",
     "fmt",
     "layer_types_table",
@@ -38,7 +46,7 @@ __all__ = [
 ]
 
 METRICS: tuple[str, ...] = ("clean_acc", "robust_acc", "delta_clean", "delta_robust")
-KEYS: list[str] = ["experiment", "dataset", "model", "width", "method", "k", "estimator"]
+KEYS: list[str] = ["experiment", "dataset", "model", "width", "method", "bn_stats", "k", "estimator"]
 
 
 def run_table(runs: list[dict], log: Callable[[str], None] | None = None) -> pd.DataFrame:
@@ -66,6 +74,7 @@ def run_table(runs: list[dict], log: Callable[[str], None] | None = None) -> pd.
                 bases[(e.tag, r.get("seed"))] = {
                     **common,
                     "method": "base",
+                    "bn_stats": "",
                     "k": np.nan,
                     "estimator": "",
                     "clean_acc": base[0],
@@ -87,6 +96,7 @@ def run_table(runs: list[dict], log: Callable[[str], None] | None = None) -> pd.
                 {
                     **common,
                     "method": r["method"],
+                    "bn_stats": bn_stats(r),
                     "k": float(r["k"]) if r.get("k") is not None else np.nan,
                     "estimator": row_estimator(r),
                     "clean_acc": r["final"]["clean_acc"],
@@ -103,7 +113,8 @@ def run_table(runs: list[dict], log: Callable[[str], None] | None = None) -> pd.
 
 
 def aggregate(per_run: pd.DataFrame) -> pd.DataFrame:
-    """Mean, sample std (ddof=1; NaN for n=1) and n of every metric per (experiment, method, k, estimator).
+    """Mean, sample std (ddof=1; NaN for n=1) and n of every metric per (experiment, method, bn_stats, k,
+    estimator).
 
     Raises ``ValueError`` when a seed occurs twice in one cell: ``n`` counts distinct seeds, and duplicate
     jobs are dropped by :func:`rift_bn.report.collect.load`.
@@ -114,12 +125,14 @@ def aggregate(per_run: pd.DataFrame) -> pd.DataFrame:
             columns=[*KEYS, "label", *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")), "n", "seeds"]
         )
     keyed = per_run.assign(_k=per_run["k"].fillna(-1))
-    for _, g in keyed.groupby(["experiment", "method", "_k", "estimator"], sort=False):
+    for _, g in keyed.groupby(["experiment", "method", "bn_stats", "_k", "estimator"], sort=False):
         first = g.iloc[0]
         seeds = [int(s) for s in g["seed"] if s is not None and not pd.isna(s)]
         if len(set(seeds)) < len(g):
+            what = f"{first['experiment']} {first['method']}"
+            what += f" bn_stats={first['bn_stats']}" if first["bn_stats"] else ""
             raise ValueError(
-                f"{first['experiment']} {first['method']} k={first['k']}: {len(g)} runs for seeds {seeds} "
+                f"{what} k={first['k']}: {len(g)} runs for seeds {seeds} "
                 f"({', '.join(g['path'])}); one run per seed is pooled (load them with "
                 "rift_bn.report.collect.load, which keeps the newest of duplicate jobs)"
             )
@@ -144,12 +157,13 @@ def _order(df: pd.DataFrame, methods: tuple[str, ...]) -> pd.DataFrame:
     exp_rank = {tag: i for i, tag in enumerate(dict.fromkeys(df["experiment"]))}
     df = df.assign(
         _m=df["method"].map(rank),
+        _b=[bn_stats_order(m, b) for m, b in zip(df["method"], df["bn_stats"], strict=True)],
         _kk=df["k"].fillna(0).astype(int),
         _w=df["width"].astype(str),
         _e=df["experiment"].map(exp_rank),
     )
-    return df.sort_values(["dataset", "model", "_w", "_e", "_kk", "_m", "estimator"]).drop(
-        columns=["_m", "_kk", "_w", "_e"]
+    return df.sort_values(["dataset", "model", "_w", "_e", "_kk", "_m", "_b", "estimator"]).drop(
+        columns=["_m", "_b", "_kk", "_w", "_e"]
     )
 
 
@@ -213,8 +227,46 @@ def fmt(mean: float, std: float, signed: bool = False) -> str:
     return text
 
 
-def _label(row: pd.Series) -> str:
+def bn_stats_caption(runs: Sequence[dict], methods: Sequence[str] = TOPK_METHODS) -> str:
+    """What each of ``methods`` did with the BN running statistics in ``runs`` (fine-tuned runs), e.g.
+
+    ``BN statistics while fine-tuning: RiFT: every BN layer's running statistics adapt (finetune.bn_stats=all,
+    as the original RiFT code); RiFT with BN: only the selected BN layers' ... (finetune.bn_stats=selected).``
+    A method run with several modes lists them all (one row each). ``""`` when no run is of ``methods``.
+    """
+    modes: dict[str, set[str]] = {}
+    bn_selected: dict[str, str] = {}  # which BN layers the method selects: "none", "every" or "some"
+    for r in runs:
+        if r.get("stage") == "finetune" and r.get("method") in methods:
+            m = str(r["method"])
+            modes.setdefault(m, set()).add(bn_stats(r))
+            method_cfg = (r.get("config") or {}).get("method") or {}
+            kinds = method_cfg.get("kinds")
+            has_bn = "bn" in kinds if kinds is not None else m not in ("rift", "conv_linear_only")
+            every = method_cfg.get("selection", "all" if m in LAYER_TYPE_METHODS else "mrc") == "all"
+            bn_selected[m] = "none" if not has_bn else ("every" if every else "some")
+
+    def text(m: str, b: str) -> str:
+        out = BN_STATS_TEXT.get(b, f"finetune.bn_stats={b}")
+        if b == "selected" and bn_selected.get(m) == "none":
+            out = out[:-1] + "; it selects no BN layer, so none adapt)"
+        elif b == "selected" and bn_selected.get(m) == "every":
+            out = out[:-1] + "; it selects every BN layer, so all adapt)"
+        return out
+
+    parts = []
+    for m in [m for m in methods if m in modes]:
+        texts = [text(m, b) for b in sorted(modes[m], key=lambda b: bn_stats_order(m, b))]
+        label = METHOD_LABELS.get(m, m)
+        several = f"{label}, one row per mode: {' or '.join(texts)}"
+        parts.append(f"{label}: {texts[0]}" if len(texts) == 1 else several)
+    return f"BN statistics while fine-tuning: {'; '.join(parts)}." if parts else ""
+
+
+def _label(row: pd.Series, several_modes: frozenset[str] = frozenset()) -> str:
     label = METHOD_LABELS.get(row["method"], row["method"])
+    if row["method"] in several_modes:
+        label += bn_stats_label(row["bn_stats"])
     if row["estimator"] not in ("", "exact"):
         label += f" ({row['estimator']} MRC)"
     return label
@@ -248,9 +300,11 @@ def _markdown_block(
     rule = "|---|---|---:|---:|---:|" if topk else "|---|---:|---:|---:|"
     for tag, g in df.groupby("experiment", sort=False):
         lines += ["", f"### {_heading(g.iloc[0])}", "", *extra(str(tag)), header, rule]
+        tuned = g[g["method"] != "base"]
+        several = frozenset(m for m, modes in tuned.groupby("method")["bn_stats"] if modes.nunique() > 1)
         last_k = None
         for _, row in g.iterrows():
-            label = _label(row)
+            label = _label(row, several)
             clean = fmt(row["clean_acc_mean"], row["clean_acc_std"])
             robust = fmt(row["robust_acc_mean"], row["robust_acc_std"])
             cells = [label, clean, robust, str(row["n"])]
@@ -273,7 +327,7 @@ def _notes(runs: Sequence[dict], notes: Sequence[str]) -> list[str]:
     if len(exps) > 1:
         lines.append(
             f"- {len(exps)} experiments; runs are pooled over seeds only within one (same config up to the "
-            "seed, method, k and MRC estimator):"
+            "seed, method, k, finetune.bn_stats and MRC estimator):"
         )
     for e in exps:
         shown = e.folders[:3] + ([f"+{len(e.folders) - 3} more"] if len(e.folders) > 3 else [])
@@ -299,15 +353,26 @@ def to_markdown(
     attacks = {_attack_text(rs) for rs in by_tag.values()}
     common = len(attacks) <= 1
     attack_line = lambda tag: [] if common else [f"Robust = {_attack_text(by_tag.get(tag, []))}.", ""]
+
+    def bn_lines(methods: Sequence[str], tags: Sequence[str]) -> tuple[str, Callable[[str], list[str]]]:
+        """The BN-statistics caption for all of ``tags`` when they agree (else ``""``), and per section."""
+        texts = {tag: bn_stats_caption(by_tag.get(tag, []), methods) for tag in tags}
+        shared = set(texts.values())
+        if len(shared) <= 1:
+            return next(iter(shared), ""), lambda _: []
+        return "", lambda tag: [texts[tag], ""] if texts.get(tag) else []
+
+    t1_tags = list(dict.fromkeys(table["experiment"])) if not table.empty else []
+    t1_bn, t1_bn_line = bn_lines(TOPK_METHODS, t1_tags)
     lines = [
         "## Table 1: RiFT vs RiFT with BN over Top-k",
         "",
         f"Test-split accuracy (%). {f'Robust = {_attack_text(runs)}. ' if common else ''}"
         "Δ = fine-tuned minus base, per seed; mean ± sample std (ddof=1) over n distinct seeds "
-        "(std omitted when n = 1).",
+        "(std omitted when n = 1)." + (f" {t1_bn}" if t1_bn else ""),
     ]
     if not table.empty:
-        lines += _markdown_block(table, topk=True, extra=attack_line)
+        lines += _markdown_block(table, topk=True, extra=lambda tag: attack_line(tag) + t1_bn_line(tag))
     if table.empty or not table["method"].isin(TOPK_METHODS).any():
         lines += ["", "(no rift / rift_bn runs found)"]
     if layer_table is not None and not layer_table.empty:
@@ -318,10 +383,12 @@ def to_markdown(
         one = set(texts.values()) if len(set(texts.values())) == 1 else set()
         heading = "## Fine-tuning by layer type (Figures 1-2)"
         lines += ["", heading + (f": {next(iter(one))}" if one and next(iter(one)) else "")]
+        lt_bn, lt_bn_line = bn_lines(LAYER_TYPE_METHODS, list(texts))
+        lines += ["", lt_bn] if lt_bn else []
 
         def extra(tag: str) -> list[str]:
             final = [] if one or not texts.get(tag) else [f"Final model: {texts[tag]}.", ""]
-            return attack_line(tag) + final
+            return attack_line(tag) + final + lt_bn_line(tag)
 
         lines += _markdown_block(layer_table, topk=False, extra=extra)
     if runs:
