@@ -12,6 +12,12 @@ times a GPU (synchronised).
 - ``mrc_vs_reference``: ``rift_bn.mrc.compute_mrc`` / ``rift_bn.mrc.mrc_reference`` (the protocol as it
   reads) over all ``rift_bn`` candidates (conv, linear, bn), same inputs; ``mrc_max_rel_diff`` and
   ``mrc_same_ranking`` compare the values.
+- ``mrc_bounded_vs_exact``: ``rift_bn.mrc.bounded_mrc`` with ``exact_lowest`` = 5 / ``compute_mrc`` (the full
+  exact table), wall time, for the ``rift_bn`` candidates (``mrc_bounded_vs_exact_rift``: Conv/Linear),
+  with RiFT's 10 epochs; the n lowest modules, their order and values must equal the full table's
+  (``mrc_bounded_exact``) and every bound must lie at or below its module's MRC. Epochs of ascent run
+  are reported beside the times. ``--bounded-checkpoint`` (with ``--data-root``) runs it on a trained
+  base model's PGD-10 selection-split examples instead of the random model.
 - ``at_step_vs_plain``: one adversarial-training step through ``AdversarialTraining`` and a Lightning
   ``Trainer`` / a plain PyTorch loop doing the same work (augmentation, the same PGD, SGD); per-step
   times between consecutive steps, Trainer start-up excluded.
@@ -43,12 +49,13 @@ from torch import Tensor, nn
 
 from rift_bn.attacks import PGD, attack_mode
 from rift_bn.models import build_model, candidate_modules
-from rift_bn.mrc import KINDS, MRCProtocol, compute_mrc, mrc_reference
+from rift_bn.mrc import KINDS, MRCProtocol, bounded_mrc, compute_mrc, mrc_reference
 
 TARGETS = {
     "pgd_vs_torchattacks": 0.9,
     "pgd_vs_floor": 1.05,
     "mrc_vs_reference": 0.2,
+    "mrc_bounded_vs_exact": 0.35,
     "at_step_vs_plain": 1.10,
 }
 EPS, ALPHA = 8 / 255, 2 / 255
@@ -67,6 +74,13 @@ class BenchConfig:
     mrc_examples: int = 128
     mrc_batch: int = 64
     mrc_epochs: int = 4
+    bounded_n: int = 5  # mrc_bounded_vs_exact: exact_lowest
+    bounded_epochs: int = 10  # RiFT's
+    bounded_steps: int = 2  # ascent steps per epoch (RiFT: 20; 2 = one pass over mrc_examples)
+    bounded_checkpoint: str = ""  # a trained base (state_dict) instead of the random model; needs data_root
+    data_root: str = ""
+    dataset: str = "cifar10"
+    val_size: int = 500  # the selection split of --bounded-checkpoint's run (scale=cpu: 500)
     at_steps: int = 3
     at_rounds: int = 2
     at_pgd_steps: int = 10
@@ -85,6 +99,7 @@ class BenchConfig:
             mrc_examples=32,
             mrc_batch=16,
             mrc_epochs=2,
+            bounded_steps=2,
             at_steps=2,
             at_rounds=1,
             at_pgd_steps=2,
@@ -284,6 +299,84 @@ def bench_mrc(cfg: BenchConfig) -> dict[str, Any]:
     }
 
 
+def _bounded_inputs(cfg: BenchConfig, dev: torch.device) -> tuple[nn.Module, Tensor, Tensor, str]:
+    """The model and MRC set of ``bench_bounded``: the random bench model on random images, or a trained
+    base on PGD-10 examples of its selection split, made as the pipeline makes them (seed + 1)."""
+    if not cfg.bounded_checkpoint:
+        torch.manual_seed(cfg.seed)
+        model = mrc_model(cfg.model, cfg.mrc_width, cfg.seed).to(dev)
+        x = torch.rand(cfg.mrc_examples, 3, 32, 32).to(dev)
+        y = torch.randint(0, 10, (cfg.mrc_examples,)).to(dev)
+        return model, x, y, f"random {cfg.model} w{cfg.mrc_width}, {cfg.mrc_examples} random images"
+    if not cfg.data_root:
+        raise SystemExit("--bounded-checkpoint needs --data-root (the CIFAR folder of the base's run)")
+    from rift_bn.data import CIFARDataModule, to_float
+    from rift_bn.models.checkpoint import load_into, read_state_dict
+
+    dm = CIFARDataModule(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=False)
+    dm.setup()
+    model = build_model(cfg.model, dm.num_classes, cfg.mrc_width)
+    load_into(model, read_state_dict(cfg.bounded_checkpoint))
+    model = model.to(dev).eval()
+    x, y = to_float(dm.val_x).to(dev), dm.val_y.clone().to(dev)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)  # as the pipeline's adversarial set
+        x = PGD(EPS, ALPHA, 10)(model, x, y)
+    return model, x, y, f"{cfg.bounded_checkpoint}, {len(y)} PGD-10 examples of the selection split"
+
+
+def _clock(dev: torch.device) -> tuple[float, float]:
+    _sync(dev)
+    return time.perf_counter(), time.process_time()
+
+
+def bench_bounded(cfg: BenchConfig) -> dict[str, Any]:
+    """bounded_mrc (exact_lowest = ``bounded_n``) vs compute_mrc (every module exact), per candidate set:
+    wall and CPU seconds, epochs of ascent, and that the bounded table agrees with the full one."""
+    dev = torch.device(cfg.device)
+    model, x, y, what = _bounded_inputs(cfg, dev)
+    proto = MRCProtocol(
+        epochs=cfg.bounded_epochs, batch_size=cfg.mrc_batch, seed=cfg.seed, steps_per_epoch=cfg.bounded_steps
+    )
+    n = cfg.bounded_n
+    out: dict[str, Any] = {"inputs": what, "n": n, "protocol": asdict(proto)}
+    for r, method in enumerate(("rift_bn", "rift")):
+        kinds = KINDS[method]
+        t: dict[str, tuple[float, float]] = {}
+        res: dict[str, dict] = {}
+        for key in ("full", "bounded") if r % 2 == 0 else ("bounded", "full"):
+            w0, c0 = _clock(dev)
+            if key == "full":
+                res[key] = compute_mrc(model, x, y, kinds, proto)
+            else:
+                res[key] = bounded_mrc(model, x, y, kinds, proto, n)
+            w1, c1 = _clock(dev)
+            t[key] = (w1 - w0, c1 - c0)
+        full, bounded = res["full"]["rows"], res["bounded"]["rows"]
+        rank = sorted(range(len(full)), key=lambda i: (full[i]["mrc"], i))[:n]
+        got = sorted(range(len(bounded)), key=lambda i: (bounded[i]["mrc"], i))[:n]
+        stats = res["bounded"]["stats"]
+        out[method] = {
+            "candidates": len(full),
+            "seconds": {k: v[0] for k, v in t.items()},
+            "cpu_seconds": {k: v[1] for k, v in t.items()},
+            "epochs": {"full": len(full) * proto.epochs, "bounded": stats["epochs"]},
+            "exact_rows": sum(row["status"] == "exact" for row in bounded),
+            "loads": stats["loads"],
+            "load_seconds": stats["load_seconds"],
+            "stage_input_bytes": stats["stage_input_bytes"],
+            "ratio": t["bounded"][0] / t["full"][0],
+            "cpu_ratio": t["bounded"][1] / t["full"][1],
+            "epoch_ratio": stats["epochs"] / (len(full) * proto.epochs),
+            "exact": got == rank and all(bounded[i] == full[i] for i in rank),
+            "bounds_below": all(b["mrc"] <= f["mrc"] for b, f in zip(bounded, full, strict=True)),
+        }
+    out["mrc_bounded_vs_exact"] = out["rift_bn"]["ratio"]
+    out["mrc_bounded_vs_exact_rift"] = out["rift"]["ratio"]
+    out["mrc_bounded_exact"] = all(out[m]["exact"] and out[m]["bounds_below"] for m in ("rift_bn", "rift"))
+    return out
+
+
 # -------------------------------------------------------------------------------------- AT step
 
 
@@ -401,7 +494,9 @@ def _threads(n: int) -> Iterator[None]:
 
 
 def run(
-    cfg: BenchConfig, parts: Sequence[str] = ("pgd", "mrc", "at"), log: Callable[[str], None] = print
+    cfg: BenchConfig,
+    parts: Sequence[str] = ("pgd", "mrc", "bounded", "at"),
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run the chosen parts; returns the JSON-ready result (ratios at the top level)."""
     with _threads(cfg.threads):
@@ -420,6 +515,14 @@ def run(
             out["mrc"] = bench_mrc(cfg)
             for k in ("mrc_vs_reference", "mrc_max_rel_diff", "mrc_same_ranking"):
                 out[k] = out["mrc"][k]
+        if "bounded" in parts:
+            log(
+                f"bounded: exact_lowest={cfg.bounded_n} vs every module exact, {cfg.bounded_epochs} epochs x "
+                f"{cfg.bounded_steps} steps, batch {cfg.mrc_batch}, rift_bn and rift ..."
+            )
+            out["bounded"] = bench_bounded(cfg)
+            for k in ("mrc_bounded_vs_exact", "mrc_bounded_vs_exact_rift", "mrc_bounded_exact"):
+                out[k] = out["bounded"][k]
         if "at" in parts:
             log(
                 f"at: {cfg.model} w{cfg.width}, batch {cfg.batch}, PGD-{cfg.at_pgd_steps}, "
@@ -476,6 +579,26 @@ def table(out: dict[str, Any]) -> str:
             f"{'yes' if r['mrc_max_rel_diff'] <= 1e-4 else 'NO':5s} same ranking: {r['mrc_same_ranking']}; "
             f"MRC range {r['mrc_range'][0]:.2e}..{r['mrc_range'][1]:.2e}"
         )
+    if "bounded" in out:
+        b = out["bounded"]
+        for method, key in (("rift_bn", "mrc_bounded_vs_exact"), ("rift", "mrc_bounded_vs_exact_rift")):
+            r = b[method]
+            s, e = r["seconds"], r["epochs"]
+            detail = (
+                f"{s['bounded']:.1f}s vs {s['full']:.1f}s (CPU {r['cpu_ratio']:.3f}); "
+                f"epochs {e['bounded']} vs {e['full']} ({r['epoch_ratio']:.3f}); "
+                f"{r['candidates']} {method} modules, {r['exact_rows']} exact, "
+                f"{r['loads']} loads {r['load_seconds']:.1f}s"
+            )
+            if key in TARGETS:
+                row(key, detail)
+            else:
+                lines.append(f"{key:22s} {out[key]:8.3f} {'info':>8s}  {'':5s} {detail}")
+        lines.append(
+            f"{'mrc_bounded_exact':22s} {str(b['mrc_bounded_exact']):>8s} {'True':>8s}  "
+            f"{'yes' if b['mrc_bounded_exact'] else 'NO':5s} n={b['n']} lowest, order and values equal the "
+            f"full table's; bounds <= MRC; {b['inputs']}"
+        )
     if "at" in out:
         a = out["at"]["seconds_per_step"]
         row(
@@ -491,7 +614,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m rift_bn.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
     parser.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the results")
-    parser.add_argument("--parts", default="pgd,mrc,at", help="comma-separated subset of pgd,mrc,at")
+    parser.add_argument(
+        "--parts", default="pgd,mrc,bounded,at", help="comma-separated subset of pgd,mrc,bounded,at"
+    )
     for f, v in asdict(BenchConfig()).items():
         parser.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=None, help=f"default {v}")
     args = parser.parse_args(argv)

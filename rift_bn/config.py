@@ -221,6 +221,8 @@ def _validate_sizes(cfg: DictConfig) -> None:
     _whole(_get(cfg, "mrc.batch_size"), "mrc.batch_size", 1)
     if (steps := _get(cfg, "mrc.steps_per_epoch")) is not None:
         _whole(steps, "mrc.steps_per_epoch", 1, " (RiFT: 20) or null for one pass over the set")
+    if (lowest := _get(cfg, "mrc.exact_lowest", None)) is not None:
+        _whole(lowest, "mrc.exact_lowest", 1, " (how many lowest MRCs to compute exactly) or null for all")
     _whole(_get(cfg, "eval.batch_size"), "eval.batch_size", 1)
     num = _get(cfg, "mrc.num_examples")
     if num is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -37,13 +37,3 @@ def choose_alpha(
         min(curve, key=lambda p: p["alpha"])
     ]
     return max(ok, key=lambda p: (p["clean_acc"], p["robust_acc"], -p["alpha"]))
-
-
-def interpolation_curve(
-    base: dict[str, Tensor],
-    tuned: dict[str, Tensor],
-    alphas: Sequence[float],
-    evaluate_state: Callable[[dict[str, Tensor]], dict[str, float]],
-) -> list[dict[str, float]]:
-    """Evaluate theta(a) for every a in ``alphas`` with ``evaluate_state`` (clean and robust accuracy)."""
-    return [{"alpha": float(a), **evaluate_state(interpolate_state(base, tuned, a))} for a in alphas]

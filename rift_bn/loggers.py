@@ -166,14 +166,21 @@ def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
         }
     )
     if results.get("mrc"):
-        cols = ["name", "type", "mrc", "robust_acc_drop", "selected"]
+        cols = ["name", "type", "mrc", "status", "robust_acc_drop", "selected"]
         chosen = {s["name"] for s in results.get("selected", [])}
         run.log(
             {
                 "mrc_table": wandb.Table(
                     columns=cols,
                     data=[
-                        [r["name"], r["type"], r["mrc"], r.get("robust_acc_drop"), r["name"] in chosen]
+                        [
+                            r["name"],
+                            r["type"],
+                            r["mrc"],
+                            r.get("status", "exact"),  # lower_bound: mrc.exact_lowest stopped it early
+                            r.get("robust_acc_drop"),
+                            r["name"] in chosen,
+                        ]
                         for r in results["mrc"]
                     ],
                 )

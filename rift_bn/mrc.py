@@ -14,15 +14,19 @@ the values that do not depend on the candidate (e.g. a residual block's shortcut
 runs forward and backward from the candidate on, with gradients for its parameters alone, and each
 epoch's evaluation doubles as the next epoch's first forward. ``mrc_reference`` is the protocol as it
 reads (a model copy per module, full forward and backward, a separate evaluation), kept as the oracle
-for tests and the benchmark (``python -m rift_bn.bench``).
+for tests and the benchmark (``python -m rift_bn.bench``). ``bounded_mrc`` (``mrc.exact_lowest``) gives
+the n lowest MRCs exactly, the same values as ``compute_mrc``, and a lower bound for every other module,
+advancing one epoch at a time only the modules that could still be among the n lowest.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import math
-from collections.abc import Callable, Collection, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -150,6 +154,139 @@ def _check_finite(loss: float, name: str, epoch: int) -> None:
         )
 
 
+@dataclass
+class ModuleState:
+    """Where one module's ascent stands between epochs: enough to continue it bit for bit.
+
+    The batch stream needs no state of its own: it is a pure function of the protocol, so after
+    ``epochs_run`` epochs it continues at batch ``epochs_run * proto.steps(n)``."""
+
+    epochs_run: int = 0
+    best_loss: float = -math.inf  # the largest loss over the epochs run (a lower bound of the final one)
+    best_acc: float = math.nan  # the accuracy at that epoch
+    best_epoch: int = 0
+    params: list[Tensor] | None = None  # the perturbed tensors after ``epochs_run`` epochs
+
+    def to_dict(self) -> dict:
+        """Plain types and CPU tensors (``torch.save(weights_only=True)`` reads them back)."""
+        params = None if self.params is None else [p.detach().cpu().clone() for p in self.params]
+        return {
+            "epochs_run": self.epochs_run,
+            "best_loss": self.best_loss,
+            "best_acc": self.best_acc,
+            "best_epoch": self.best_epoch,
+            "params": params,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModuleState:
+        return cls(
+            int(d["epochs_run"]),
+            float(d["best_loss"]),
+            float(d["best_acc"]),
+            int(d["best_epoch"]),
+            d["params"],
+        )
+
+
+class _Ascent:
+    """One module's gradient ascent on ``params`` only, an epoch at a time, projection per epoch.
+
+    ``compute_mrc`` runs every epoch in a row; ``bounded_mrc`` pauses a module after any epoch
+    (``pause``: the perturbed tensors go into ``state``, the base weights back into the module) and
+    resumes it later from ``state``, with the same float operations either way.
+
+    ``forward(*inputs[idx])`` gives the logits of examples ``idx``. Same steps and evaluations as the
+    protocol, with one saving: the evaluation after an epoch runs the next epoch's first batch with its
+    graph kept, and that graph gives the first ascent step of the next epoch (the parameters are the same
+    in both), so that batch is not run forward twice. A resumed ascent has lost that graph and runs the
+    same forward again.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        params: list[nn.Parameter],
+        forward: Callable[..., Tensor],
+        inputs: Sequence[Tensor],
+        y: Tensor,
+        proto: MRCProtocol,
+        state: ModuleState | None = None,
+    ) -> None:
+        self.name, self.params, self.forward, self.inputs, self.y = name, params, forward, inputs, y
+        self.proto = proto
+        self.state = state if state is not None else ModuleState()
+        self.n = len(y)
+        self.originals = [p.detach().clone() for p in params]  # the base weights (the module at rest)
+        if self.state.params is not None:
+            with torch.no_grad():
+                for p, saved in zip(params, self.state.params, strict=True):
+                    p.copy_(saved)
+        self.stream = batch_stream(self.n, proto, y.device)
+        skip = self.state.epochs_run * proto.steps(self.n)  # where the stream stood after those epochs
+        collections.deque(itertools.islice(self.stream, skip), maxlen=0)
+        self.order = _epoch(self.stream, self.n, proto) if not self.finished else []
+        self.pending: Tensor | None = None  # mean loss of order[0] at the current parameters, with its graph
+
+    @property
+    def finished(self) -> bool:
+        return self.state.epochs_run >= self.proto.epochs
+
+    def _first(self, idx: Index) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, per-example cross-entropy (as ``_ce_sum`` widens) and their mean, graph kept."""
+        with torch.enable_grad():
+            logits = self.forward(*_take(self.inputs, idx))
+            wide = logits if logits.dtype == torch.float64 else logits.float()
+            ce = F.cross_entropy(wide, self.y[idx], reduction="none")
+            return logits, ce, ce.mean()
+
+    def epoch(self) -> None:
+        """Run the next epoch: its ascent steps, the projection, the evaluation over the whole set."""
+        proto, y, n, st = self.proto, self.y, self.n, self.state
+        epoch = st.epochs_run + 1
+        if epoch > proto.epochs:
+            raise RuntimeError(f"mrc: {self.name} has run all {proto.epochs} epochs")
+        for b, idx in enumerate(self.order):
+            with torch.enable_grad():
+                if b == 0 and self.pending is not None:
+                    loss, self.pending = self.pending, None
+                elif b == 0 and epoch > 1:  # resumed: the same forward the evaluation ran
+                    loss = self._first(idx)[2]
+                else:
+                    loss = F.cross_entropy(self.forward(*_take(self.inputs, idx)), y[idx])
+                grads = torch.autograd.grad(loss, self.params)
+            with torch.no_grad():
+                torch._foreach_add_(self.params, grads, alpha=proto.lr)  # ascent: plain SGD on -loss
+        project_(self.params, self.originals, proto.epsilon)
+        with torch.no_grad():
+            rest: list[Index] = _chunks(slice(0, n), proto.eval_batch_size)
+            total = torch.zeros((), dtype=torch.float64, device=y.device)
+            correct = torch.zeros((), dtype=torch.int64, device=y.device)
+            self.order = []
+            if epoch < proto.epochs:
+                self.order = _epoch(self.stream, n, proto)
+                first = self.order[0]
+                logits, ce, self.pending = self._first(first)
+                total += ce.detach().double().sum()
+                correct += (logits.detach().argmax(1) == y[first]).sum()
+                rest = _rest(first, n, proto.eval_batch_size, y.device)
+            t, c = _sums(lambda idx: self.forward(*_take(self.inputs, idx)), y, rest)
+            loss_e, acc_e = (total + t).item() / n, 100.0 * int(correct + c) / n
+        _check_finite(loss_e, self.name, epoch)
+        if loss_e > st.best_loss:
+            st.best_loss, st.best_acc, st.best_epoch = loss_e, acc_e, epoch
+        st.epochs_run = epoch
+
+    def pause(self) -> ModuleState:
+        """Keep the perturbed tensors in ``state`` (unless finished) and put the base weights back."""
+        self.pending = None
+        with torch.no_grad():
+            self.state.params = None if self.finished else [p.detach().clone() for p in self.params]
+            for p, p0 in zip(self.params, self.originals, strict=True):
+                p.copy_(p0)
+        return self.state
+
+
 def _ascent(
     name: str,
     params: list[nn.Parameter],
@@ -158,58 +295,15 @@ def _ascent(
     y: Tensor,
     proto: MRCProtocol,
 ) -> tuple[float, float, int]:
-    """Gradient ascent on ``params`` only, projection per epoch; restores the parameters afterwards.
-    Returns the largest loss over the epochs, the accuracy then and that epoch.
-
-    ``forward(*inputs[idx])`` gives the logits of examples ``idx``. Same steps and evaluations as the
-    protocol, with one saving: the evaluation after an epoch runs the next epoch's first batch with its
-    graph kept, and that graph gives the first ascent step of the next epoch (the parameters are the same
-    in both), so that batch is not run forward twice.
-    """
-    n = len(y)
-    originals = [p.detach().clone() for p in params]
-    stream = batch_stream(n, proto, y.device)
-    order = _epoch(stream, n, proto)
-    pending: Tensor | None = None  # mean loss of order[0] at the current parameters, with its graph
-    best_loss, best_acc, best_epoch = -math.inf, math.nan, 0
+    """Every epoch of one module's ascent (``_Ascent``); restores the parameters afterwards.
+    Returns the largest loss over the epochs, the accuracy then and that epoch."""
+    ascent = _Ascent(name, params, forward, inputs, y, proto)
     try:
-        for epoch in range(1, proto.epochs + 1):
-            for b, idx in enumerate(order):
-                with torch.enable_grad():
-                    if b == 0 and pending is not None:
-                        loss, pending = pending, None
-                    else:
-                        loss = F.cross_entropy(forward(*_take(inputs, idx)), y[idx])
-                    grads = torch.autograd.grad(loss, params)
-                with torch.no_grad():
-                    torch._foreach_add_(params, grads, alpha=proto.lr)  # ascent: plain SGD on -loss
-            project_(params, originals, proto.epsilon)
-            with torch.no_grad():
-                rest: list[Index] = _chunks(slice(0, n), proto.eval_batch_size)
-                total = torch.zeros((), dtype=torch.float64, device=y.device)
-                correct = torch.zeros((), dtype=torch.int64, device=y.device)
-                if epoch < proto.epochs:
-                    order = _epoch(stream, n, proto)
-                    first = order[0]
-                    with torch.enable_grad():
-                        logits = forward(*_take(inputs, first))
-                        wide = logits if logits.dtype == torch.float64 else logits.float()  # as _ce_sum
-                        ce = F.cross_entropy(wide, y[first], reduction="none")
-                        pending = ce.mean()
-                    total += ce.detach().double().sum()
-                    correct += (logits.detach().argmax(1) == y[first]).sum()
-                    rest = _rest(first, n, proto.eval_batch_size, y.device)
-                t, c = _sums(lambda idx: forward(*_take(inputs, idx)), y, rest)
-                loss_e, acc_e = (total + t).item() / n, 100.0 * int(correct + c) / n
-            _check_finite(loss_e, name, epoch)
-            if loss_e > best_loss:
-                best_loss, best_acc, best_epoch = loss_e, acc_e, epoch
+        while not ascent.finished:
+            ascent.epoch()
     finally:
-        pending = None
-        with torch.no_grad():
-            for p, p0 in zip(params, originals, strict=True):
-                p.copy_(p0)
-    return best_loss, best_acc, best_epoch
+        st = ascent.pause()
+    return st.best_loss, st.best_acc, st.best_epoch
 
 
 def _ascent_reference(
@@ -409,8 +503,225 @@ def compute_mrc(
             lambda idx: h[idx], y, _chunks(slice(0, len(y)), ebs)
         )  # the base loss, no rerun
         base_loss, base_acc = total.item() / len(y), 100.0 * int(correct) / len(y)
-    rows = [{"name": n, "type": k, **_result(*best[n], base_loss, base_acc)} for n, _, k in candidates]
+    rows = [
+        {
+            "name": n,
+            "type": k,
+            **_result(*best[n], base_loss, base_acc),
+            "status": EXACT,
+            "epochs_run": proto.epochs,
+        }
+        for n, _, k in candidates
+    ]
     return {"rows": rows, "base_loss": base_loss, "base_robust_acc": base_acc}
+
+
+EXACT, LOWER_BOUND = "exact", "lower_bound"  # a row's ``status``: its MRC, or a lower bound of it so far
+Key = tuple[float, int]  # (MRC or lower bound, network index): select_lowest's order, ties in network order
+
+
+def row_status(row: dict) -> str:
+    """``exact`` or ``lower_bound``; a row without ``status`` (a table from before bounded MRC) is exact."""
+    status = row.get("status", EXACT)
+    if status not in (EXACT, LOWER_BOUND):
+        raise ValueError(f"mrc row {row.get('name')}: status={status!r}, expected {EXACT} or {LOWER_BOUND}")
+    return status
+
+
+def _below(finished: Sequence[Key], unfinished: Sequence[Key], n: int | None) -> list[Key]:
+    """The unfinished keys that might still be among the ``n`` lowest (``None``: all of them), given
+    the finished (exact) keys: those below the n-th lowest finished key. An MRC is at least its bound,
+    so a module whose (bound, index) lies above that key can never rank among the n lowest."""
+    if n is None or len(finished) < n:
+        return list(unfinished)
+    nth = sorted(finished)[n - 1]
+    return [k for k in unfinished if k < nth]
+
+
+def lowest_proven(rows: Sequence[dict], n: int | None) -> bool:
+    """Whether ``rows`` (one candidate set, network order) give the ``n`` lowest MRCs exactly: the n
+    lowest of the exact rows are below every lower bound (``n=None``: every row is exact)."""
+    exact = [(r["mrc"], i) for i, r in enumerate(rows) if row_status(r) == EXACT]
+    bounds = [(r["mrc"], i) for i, r in enumerate(rows) if row_status(r) == LOWER_BOUND]
+    if n is None or n >= len(rows):
+        return not bounds
+    return len(exact) >= n and not _below(exact, bounds, n)
+
+
+def bounded_mrc(
+    model: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    kinds: Sequence[str],
+    proto: MRCProtocol,
+    exact_lowest: int | None,
+    known: Mapping[str, dict] | None = None,
+    states: Mapping[str, ModuleState] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    names: Collection[str] | None = None,
+) -> dict:
+    """The exact MRC of the ``exact_lowest`` lowest candidates and a lower bound for every other one.
+
+    MRC(M) is the largest loss increase over the epochs, so after j epochs the largest so far is a lower
+    bound that only grows. Every epoch goes to the unfinished module with the smallest key (bound,
+    network index; a module not yet started has bound -inf), until ``exact_lowest`` modules are finished
+    and every unfinished key lies above the n-th lowest finished one: then no unfinished module can be
+    among the n lowest, ties included (``select_lowest`` sorts by MRC, ties in network order). Finished
+    modules take exactly ``compute_mrc``'s steps (the same ``_Ascent``, paused and resumed), so their
+    values are its values (bit for bit on CPU). ``exact_lowest=None``: every module to the end, in
+    network order (continuing ``states``).
+
+    ``known``: exact rows already computed (by name; not recomputed). ``states``: paused ascents to
+    continue (a previous call's ``states``). Stage inputs of the whole set are computed once and kept
+    for the stages with unfinished modules; a resumed module recomputes the cached values inside its
+    stage (one stage forward over the set) and its first batch's forward.
+
+    Returns {'rows', 'base_loss', 'base_robust_acc', 'states', 'stats'}: rows in network order with
+    ``status`` (``exact`` | ``lower_bound``) and ``epochs_run``; ``states`` the unfinished modules'
+    ``ModuleState`` (tensors on the CPU), to pass back to continue; ``stats`` the epochs run by this call
+    (``epochs``), by all calls (``epochs_total``), the module loads and their seconds, and the peak bytes
+    of cached stage inputs.
+    """
+    if exact_lowest is not None and exact_lowest < 1:
+        raise ValueError(f"exact_lowest={exact_lowest}: need a whole number >= 1 or None (all exact)")
+    candidates = _selected(model, kinds, names)
+    epochs = proto.epochs
+    index = {name: i for i, (name, _, _) in enumerate(candidates)}
+    known = {n: r for n, r in (known or {}).items() if n in index and row_status(r) == EXACT}
+    state: dict[str, ModuleState] = {}
+    for name, _, _ in candidates:
+        if name not in known:
+            s = (states or {}).get(name)
+            state[name] = copy.copy(s) if s is not None else ModuleState()
+            if not 0 <= state[name].epochs_run < proto.epochs:
+                raise ValueError(f"mrc: {name}'s state has {state[name].epochs_run} of {epochs} epochs run")
+    stages = list(model.stages())
+    stage_of: dict[int, int] = {}
+    for i, stage in enumerate(stages):
+        for m in stage.modules():
+            stage_of.setdefault(id(m), i)
+    where = {name: stage_of[id(module)] for name, module, _ in candidates}
+    ebs = proto.eval_batch_size
+    rows: dict[str, dict] = {
+        n: {**r, "status": EXACT, "epochs_run": r.get("epochs_run", epochs)} for n, r in known.items()
+    }
+    stats = {"epochs": 0, "loads": 0, "load_seconds": 0.0, "stage_input_bytes": 0}
+    with frozen(model), torch.no_grad():
+        # one pass over the stages: the base loss, and the input of every stage that has work left
+        inputs_of: dict[int, Tensor] = {}
+        need = {where[n] for n in state}
+        h = x_adv
+        for i, stage in enumerate(stages):
+            if i in need:
+                inputs_of[i] = h
+            h = torch.cat([stage(h[j : j + ebs]) for j in range(0, len(h), ebs)])
+        base_loss, base_acc = _loss_and_acc(lambda t: t, h, y, ebs)  # no rerun: h holds the logits
+        del h
+        stats["stage_input_bytes"] = sum(t.numel() * t.element_size() for t in inputs_of.values())
+
+        def key(name: str) -> Key:
+            if name in rows:
+                return (rows[name]["mrc"], index[name])
+            s = state[name]
+            return (s.best_loss - base_loss if s.epochs_run else -math.inf, index[name])
+
+        traced: dict[int, fx.GraphModule | None] = {}
+        modules = {name: (module, kind) for name, module, kind in candidates}
+
+        def load(name: str) -> tuple[_Ascent, list[nn.Parameter]]:
+            t0 = time.perf_counter()
+            module, kind = modules[name]
+            i = where[name]
+            if i not in traced:
+                traced[i] = _trace(stages[i])
+            cut = _inside_stage(traced[i], module, inputs_of[i], ebs)
+            sub, inputs = cut if cut is not None else (stages[i], [inputs_of[i]])
+            tail = _compose(stages[i + 1 :])
+
+            def forward(*hs: Tensor) -> Tensor:
+                return tail(sub(*hs))
+
+            params = perturbed_params(module, kind)
+            for p in params:
+                p.requires_grad_(True)
+            stats["loads"] += 1
+            stats["load_seconds"] += time.perf_counter() - t0
+            return _Ascent(name, params, forward, inputs, y, proto, state[name]), params
+
+        def unload(loaded: tuple[_Ascent, list[nn.Parameter]]) -> None:
+            ascent, params = loaded
+            try:
+                state[ascent.name] = ascent.pause()
+            finally:
+                for p in params:
+                    p.requires_grad_(False)
+
+        loaded: tuple[_Ascent, list[nn.Parameter]] | None = None
+        done = sum(s.epochs_run for s in state.values()) + epochs * len(rows)
+        try:
+            while True:
+                open_ = [n for n in state if n not in rows]
+                if exact_lowest is None:
+                    todo = open_[:1]  # network order, each to its end: compute_mrc's schedule
+                else:
+                    finished = [key(n) for n in rows]
+                    left = set(_below(finished, [key(n) for n in open_], exact_lowest))
+                    todo = [n for n in open_ if key(n) in left]
+                if not todo:
+                    break
+                pick = min(todo, key=key)
+                if loaded is not None and loaded[0].name != pick:
+                    unload(loaded)
+                    loaded = None
+                if loaded is None:
+                    loaded = load(pick)
+                ascent = loaded[0]
+                ascent.epoch()
+                stats["epochs"] += 1
+                done += 1
+                if ascent.finished:
+                    unload(loaded)
+                    loaded = None
+                    s = state[pick]
+                    module, kind = modules[pick]
+                    rows[pick] = {
+                        "name": pick,
+                        "type": kind,
+                        **_result(s.best_loss, s.best_acc, s.best_epoch, base_loss, base_acc),
+                        "status": EXACT,
+                        "epochs_run": epochs,
+                    }
+                    if not any(where[n] == where[pick] for n in state if n not in rows):
+                        inputs_of.pop(where[pick], None)  # no work left in this stage
+                if progress:
+                    progress(f"{pick} (epoch {ascent.state.epochs_run})", done, epochs * len(candidates))
+        finally:
+            if loaded is not None:
+                unload(loaded)
+    out_rows, out_states = [], {}
+    for name, _, kind in candidates:
+        if name in rows:
+            out_rows.append(rows[name])
+            continue
+        s = state[name]
+        out_rows.append(
+            {
+                "name": name,
+                "type": kind,
+                **_result(s.best_loss, s.best_acc, s.best_epoch, base_loss, base_acc),
+                "status": LOWER_BOUND,
+                "epochs_run": s.epochs_run,
+            }
+        )
+        out_states[name] = ModuleState.from_dict(s.to_dict())  # tensors on the CPU
+    stats["epochs_total"] = sum(r["epochs_run"] for r in out_rows)
+    return {
+        "rows": out_rows,
+        "base_loss": base_loss,
+        "base_robust_acc": base_acc,
+        "states": out_states,
+        "stats": stats,
+    }
 
 
 def mrc_reference(
@@ -442,11 +753,27 @@ def mrc_reference(
 
 
 def select_lowest(rows: Sequence[dict], kinds: Sequence[str], k: int) -> list[dict]:
-    """The k candidates of ``kinds`` with the lowest MRC (ties keep network order)."""
+    """The k candidates of ``kinds`` with the lowest MRC (ties keep network order), from exact rows only.
+
+    A ``lower_bound`` row (``bounded_mrc``) is never selected; if its bound lies below the k-th lowest
+    exact MRC, its exact value could be among the k lowest and the selection is refused."""
     pool = [r for r in rows if r["type"] in kinds]
     if not 1 <= k <= len(pool):
         raise ValueError(
             f"k={k}: must lie between 1 and the number of candidates ({len(pool)} for "
             f"{'+'.join(kinds)}); pick a smaller k"
         )
-    return sorted(pool, key=lambda r: r["mrc"])[:k]
+    exact = sorted((r["mrc"], i) for i, r in enumerate(pool) if row_status(r) == EXACT)
+    if len(exact) < k:
+        raise ValueError(
+            f"k={k}: only {len(exact)} of the {len(pool)} candidates have an exact MRC (the others are lower "
+            f"bounds); compute at least {k} exactly (mrc.exact_lowest >= {k}, or null for all)"
+        )
+    bounds = [(r["mrc"], i) for i, r in enumerate(pool) if row_status(r) == LOWER_BOUND]
+    if unsure := _below(exact, bounds, k):
+        name = pool[unsure[0][1]]["name"]
+        raise ValueError(
+            f"k={k}: {name} has only a lower bound ({unsure[0][0]:.6g}) below the k-th lowest exact MRC, "
+            f"so it could be among the k lowest; compute it exactly (mrc.exact_lowest >= {k}, or null)"
+        )
+    return [pool[i] for _, i in exact[:k]]

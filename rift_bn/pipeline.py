@@ -385,39 +385,61 @@ class Run:
             data, _ = cache.cached(path, compute, cache.save_tensors, cache.load_tensors, lock=self.rank == 0)
         return data["x"].to(self.device), data["y"].to(self.device)
 
+    def mrc_exact_lowest(self) -> int | None:
+        """How many lowest MRCs the exact estimator must give exactly: ``mrc.exact_lowest`` raised to this
+        job's ``k`` (a job whose k exceeds the cached exact rows extends them); None = every module."""
+        m = self.cfg.mrc
+        n = m.get("exact_lowest")
+        return None if n is None else max(int(n), int(self.cfg.k))
+
+    @staticmethod
+    def mrc_state_path(path: Path) -> Path:
+        """The paused ascents of a table's ``lower_bound`` rows, beside its JSON."""
+        return path.with_suffix(".state.pt")
+
     def mrc_table(
         self, model: torch.nn.Module, ckpt_hash: str, kinds: tuple[str, ...]
     ) -> tuple[list[dict], str]:
-        """MRC rows for every candidate of ``kinds``; each module computed once per base and protocol."""
+        """MRC rows for every candidate of ``kinds``; each module computed once per base and protocol.
+
+        With ``mrc.exact_lowest`` (exact estimator), the rows of modules that cannot be among the lowest
+        are lower bounds (``status``), and their paused ascents are kept beside the table: a later job
+        that needs more (a larger n or k, null, the other candidate set) continues them."""
         m, proto, path = self.cfg.mrc, self.mrc_protocol(), self.mrc_path(ckpt_hash)
         from rift_bn.models import candidate_modules
+        from rift_bn.mrc import lowest_proven
 
         wanted = [n for n, _, _ in candidate_modules(model, set(kinds))]
+        lowest = self.mrc_exact_lowest() if m.estimator == "exact" else None
 
         def known() -> dict:
             return cache.read_json(path) if path.exists() else {"rows": {}}
 
+        def enough(table: dict) -> bool:
+            rows = table["rows"]
+            return all(n in rows for n in wanted) and lowest_proven([rows[n] for n in wanted], lowest)
+
         table = known()
         source = "cache"
-        if any(n not in table["rows"] for n in wanted):
+        if not enough(table):
             with cache.locked(path, enabled=self.rank == 0):
                 table = known()
-                missing = tuple(
-                    k
-                    for k in kinds
-                    if any(r not in table["rows"] for r in [n for n, _, t in candidate_modules(model, {k})])
-                )
-                if missing:
+                if not enough(table):
                     x, y = self.adversarial_set(model, ckpt_hash)
                     with self.timed("mrc"):
                         if m.estimator == "linear":
                             from rift_bn.mrc_linear import linear_mrc
 
+                            missing = tuple(
+                                k
+                                for k in kinds
+                                if any(n not in table["rows"] for n, _, _ in candidate_modules(model, {k}))
+                            )
                             new = linear_mrc(
                                 model, x, y, missing, proto, measure_step=bool(m.get("linear_step", False))
                             )
                         else:
-                            new = compute_mrc(model, x, y, missing, proto, progress=self.progress)
+                            new = self._exact_mrc(model, x, y, kinds, wanted, table["rows"], lowest, path)
                     table["rows"].update({r["name"]: r for r in new["rows"]})
                     table |= {
                         "base_loss": new["base_loss"],
@@ -428,6 +450,44 @@ class Run:
                     cache.write_json(path, table)
                     source = "computed"
         return [table["rows"][n] for n in wanted], source
+
+    def _exact_mrc(
+        self,
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        kinds: tuple[str, ...],
+        wanted: list[str],
+        rows: dict[str, dict],
+        lowest: int | None,
+        path: Path,
+    ) -> dict:
+        """The exact rows ``mrc_table`` lacks: ``compute_mrc`` for the missing modules when every module is
+        wanted exact and none is paused; else ``bounded_mrc``, continuing the paused ascents saved beside
+        the table (``mrc_state_path``; a state that does not match its row restarts that module) and
+        saving the new ones there, before the caller writes the table."""
+        from rift_bn.mrc import LOWER_BOUND, ModuleState, bounded_mrc, row_status
+
+        proto, state_path = self.mrc_protocol(), self.mrc_state_path(path)
+        partial = [n for n in wanted if n in rows and row_status(rows[n]) == LOWER_BOUND]
+        if lowest is None and not partial:
+            missing = [n for n in wanted if n not in rows]
+            return compute_mrc(model, x, y, kinds, proto, progress=self.progress, names=missing)
+        saved = cache.load_tensors(state_path)["modules"] if state_path.exists() else {}
+        states = {
+            n: ModuleState.from_dict(saved[n])
+            for n in partial
+            if n in saved and saved[n]["epochs_run"] == rows[n]["epochs_run"]
+        }
+        exact = {n: rows[n] for n in wanted if n in rows and n not in partial}
+        new = bounded_mrc(model, x, y, kinds, proto, lowest, exact, states, progress=self.progress)
+        saved = {n: s for n, s in saved.items() if n not in wanted}
+        saved |= {n: s.to_dict() for n, s in new["states"].items()}
+        if saved:  # the states first, then (the caller) the table whose rows point to them
+            cache.save_tensors(state_path, {"protocol": proto.key(), "modules": saved})
+        else:
+            state_path.unlink(missing_ok=True)
+        return new
 
     @staticmethod
     def progress(name: str, done: int, total: int) -> None:

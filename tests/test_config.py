@@ -76,6 +76,15 @@ def test_methods_name_their_candidates(method: str, kinds: list[str]) -> None:
     assert cfg.method.selection == "mrc" and list(cfg.method.kinds) == kinds
 
 
+def test_exact_lowest_defaults() -> None:
+    """Every module exact by default; the topk sweep needs its largest k exactly; a larger k raises n."""
+    assert composed().mrc.exact_lowest is None and composed("scale=cpu").mrc.exact_lowest is None
+    assert composed("+experiment=topk").mrc.exact_lowest == 5
+    assert _run().mrc_exact_lowest() is None
+    assert _run("mrc.exact_lowest=5", "k=2").mrc_exact_lowest() == 5
+    assert _run("mrc.exact_lowest=2", "k=4").mrc_exact_lowest() == 4
+
+
 @functools.cache
 def _run(*overrides: str, fingerprint: str = "f" * 16) -> Run:
     """A job's Run, enough to name its cache files (no data is read; ``fingerprint`` stands for the data)."""
@@ -100,6 +109,7 @@ MRC_KEY += ["mrc.num_examples=100", "mrc.estimator=linear", "seed=1", "data.val_
 NOT_MRC_KEY = ["k=3", "method=rift", "finetune.lr=0.01", "at.epochs=3", "eval.batch_size=100", "logger=csv"]
 NOT_MRC_KEY += ["interpolation.tolerance=1", "mrc.linear_step=true"]  # linear_step: the linear table only
 NOT_MRC_KEY += ["trainer.precision=bf16-mixed", "eval.precision=bf16-mixed"]  # the MRC set is float32
+NOT_MRC_KEY += ["mrc.exact_lowest=3"]  # one table per base: a bounded table is continued, not another
 ADV_KEY = ["attack.eps=4/255", "attack.alpha=1/255", "attack.steps=5", "seed=1", "data.val_size=400"]
 NOT_ADV_KEY = ["mrc.epochs=3", "mrc.estimator=linear", "k=3", "method=rift", "eval.batch_size=100"]
 

@@ -117,7 +117,3 @@ def test_bf16_training_reports_float32_accuracies_and_the_rift_row_is_rift(cli) 
     assert len(warnings) == 1 and "data.selection_source=test_half" in warnings[0]
     (pub,) = load_results(proc)
     assert pub["selection_held_out"] is False and pub["bn_stats"] == "selected"
-    proc = cli(f"base.checkpoint={base}", "k=1", "data.selection_source=test_half")
-    assert "warning: base.checkpoint=" not in proc.stdout
-    (half,) = load_results(proc)
-    assert half["selection_held_out"] is True and (half["selection_size"], half["test_size"]) == (50, 50)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -210,7 +211,7 @@ def _run(tmp_path: Path, estimator: str, linear_step: bool = True):
     cfg = OmegaConf.create(
         {
             "seed": 0,
-            "data": {"name": "cifar10", "val_size": 10},
+            "data": {"name": "cifar10", "val_size": 10, "selection_source": "train_holdout"},
             "attack": {"eps": 8 / 255, "alpha": 2 / 255, "steps": 10, "random_start": True},
             "mrc": {
                 "estimator": estimator,
@@ -221,11 +222,14 @@ def _run(tmp_path: Path, estimator: str, linear_step: bool = True):
                 "batch_size": 8,
                 "num_examples": None,
                 "shuffle": False,
+                "steps_per_epoch": None,
+                "exact_lowest": None,
             },
         }
     )
+    data = SimpleNamespace(fingerprint="f" * 16)
     return Run(
-        cfg=cfg, output_dir=tmp_path, device=torch.device("cpu"), dm=None, cache_dir=tmp_path / "cache"
+        cfg=cfg, output_dir=tmp_path, device=torch.device("cpu"), dm=data, cache_dir=tmp_path / "cache"
     )
 
 

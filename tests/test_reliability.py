@@ -160,7 +160,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path, cifar_roo
     ref_at, ref_ft = load_results(whole(*AT))[0], load_results(whole(*FT))[0]
 
     _interrupted(cli, AT, "killed", "base/*.work/last.ckpt")
-    assert not list(cli.tmp.rglob("results.json")) and not list((cli.cache / "base").glob("*.pt"))
+    assert not list((cli.tmp / "killed").rglob("results.json")) and not list(
+        (cli.cache / "base").glob("*.pt")
+    )
     proc = cli(*AT)
     # resumed, not retrained: the first epoch (finished before the kill) does not run again
     assert "resuming from" in proc.stdout and "AdversarialTraining epoch 3/3:" in proc.stdout

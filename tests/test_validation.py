@@ -119,6 +119,7 @@ INTEGERS = [
     "data.train_subset",
     "data.test_subset",
     "mrc.num_examples",
+    "mrc.exact_lowest",
     "attack.steps",
     "attack.restarts",
     "at.attack.steps",
@@ -210,6 +211,7 @@ def test_wandb_mode_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
         (["interpolation.alphas=[0.5,1]"], ["interpolation.alphas=[0.5,1]:", "must include 0", "[0,0.5,1]"]),
         (["mrc.steps_per_epoch=0"], ["mrc.steps_per_epoch=0:", "null"]),
         (["mrc.steps_per_epoch=2.5"], ["mrc.steps_per_epoch=2.5:"]),
+        (["mrc.exact_lowest=0"], ["mrc.exact_lowest=0:", "null"]),
         (["at.attack_bn_mode=batch"], ["at.attack_bn_mode=batch:", "train, eval"]),
         (["eval.precision=bf32"], ["eval.precision=bf32:", "32-true"]),
         (["data.selection_source=test"], ["data.selection_source=test:", "train_holdout, test_half"]),
@@ -268,6 +270,8 @@ VALID = [
     ["data.train_subset=null", "mrc.num_examples=1000", "attack.steps=0", "attack.eps=0.03"],
     ["interpolation.alphas=[1]", "logger=wandb", "logger.mode=disabled"],
     ["mrc.steps_per_epoch=null", "mrc.shuffle=false", "at.attack_bn_mode=eval", "eval.precision=bf16-mixed"],
+    ["+experiment=topk", "mrc.exact_lowest=null", "-m", "k=1,2"],
+    ["mrc.exact_lowest=3", "k=5"],
     ["data.selection_source=test_half", "mrc.num_examples=5000", "-m", "finetune.bn_stats=selected,all,none"],
 ]
 

@@ -80,6 +80,11 @@ def figure_interpolation(runs: list[dict], title: str = "") -> Figure | None:
     return plot_interpolation(topk or rs, title or None) if rs else None
 
 
+def _completeness(row: dict) -> tuple[bool, int]:
+    """How far an MRC row got: exact rows first, then lower bounds by epochs run."""
+    return row.get("status", "exact") == "exact", int(row.get("epochs_run") or 0)
+
+
 def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
     """MRC chart of one method in one experiment (lowest seed; every estimator present side by side).
 
@@ -97,7 +102,16 @@ def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
         for row in r["mrc"]:
             rows_by_est.setdefault(str(row.get("estimator") or estimator(r)), []).append(row)
         for est, rows in rows_by_est.items():
-            tables.setdefault(est, rows)
+            if est not in tables:
+                tables[est] = list(rows)
+                continue
+            # mrc.exact_lowest: jobs of one sweep saw the shared table at different times; per module the
+            # most complete row wins (exact over a lower bound, else the bound after the most epochs)
+            at = {row["name"]: j for j, row in enumerate(tables[est])}
+            for row in rows:
+                j = at.get(row["name"])
+                if j is not None and _completeness(row) > _completeness(tables[est][j]):
+                    tables[est][j] = row
     tables = dict(sorted(tables.items(), key=lambda kv: (kv[0] != "exact", kv[0])))
     first_est = next(iter(tables))
     top = max((r for r in rs if estimator(r) == first_est), key=lambda r: r.get("k") or 0, default=rs[0])

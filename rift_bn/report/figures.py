@@ -291,7 +291,9 @@ def plot_mrc(
 
     ``tables`` maps an estimator name (``exact``, ``linear``) to its MRC rows; several estimators are drawn
     side by side (hatched = linear). ``selected`` modules (lowest MRC first) get a black edge and their
-    rank above the bar.
+    rank above the bar. A ``lower_bound`` row (``mrc.exact_lowest``: the module was stopped once it could
+    no longer be among the lowest) is no value: it gets no bar, only an open upward triangle at its bound
+    (the MRC lies at or above it), and nothing in the robust-accuracy panel.
     """
     names: list[str] = []
     types: dict[str, str] = {}
@@ -310,8 +312,9 @@ def plot_mrc(
         for i, est in enumerate(ests):
             by_name = {row["name"]: row for row in tables[est]}
             offset = (i - (len(ests) - 1) / 2) * width
+            bounded = {n for n, row in by_name.items() if row.get("status") == "lower_bound"}
             for ax, key in ((ax_mrc, "mrc"), (ax_drop, "robust_acc_drop")):
-                vals = [by_name.get(n, {}).get(key) for n in names]
+                vals = [None if n in bounded else by_name.get(n, {}).get(key) for n in names]
                 vals = [np.nan if v is None else float(v) for v in vals]
                 colors = [TYPE_COLORS.get(types[n], "#999999") for n in names]
                 edges = ["black" if n in rank else "none" for n in names]
@@ -324,6 +327,19 @@ def plot_mrc(
                     linewidth=0.9,
                     hatch=ESTIMATOR_HATCH.get(est, "...") if len(ests) > 1 else None,
                     label=est,
+                )
+            at = [j for j, n in enumerate(names) if n in bounded]
+            if at:  # a lower bound, not a value: an open marker pointing up, no bar
+                ax_mrc.scatter(
+                    x[at] + offset,
+                    [float(by_name[names[j]]["mrc"]) for j in at],
+                    marker="^",
+                    s=14,
+                    facecolors="none",
+                    edgecolors=[TYPE_COLORS.get(types[names[j]], "#999999") for j in at],
+                    linewidths=0.9,
+                    zorder=3,
+                    label=f"{est} lower bound",
                 )
             if i == 0:
                 for n in rank:
@@ -362,6 +378,18 @@ def plot_mrc(
         handles.append(
             Patch(facecolor="white", edgecolor="black", label="selected (number = rank, lowest MRC first)")
         )
+        if any(row.get("status") == "lower_bound" for rows in tables.values() for row in rows):
+            handles.append(
+                mpl.lines.Line2D(
+                    [],
+                    [],
+                    marker="^",
+                    linestyle="none",
+                    markerfacecolor="none",
+                    markeredgecolor="black",
+                    label="lower bound (MRC >= it; not run to the end)",
+                )
+            )
         if len(ests) > 1:
             handles += [
                 Patch(facecolor="#BBBBBB", hatch=ESTIMATOR_HATCH.get(e, "..."), label=f"{e} estimate")

@@ -130,7 +130,12 @@ def plan_kde(runs: list[dict]) -> tuple[KDEPlan | None, str]:
     notes: dict[str, str] = {}
     if not layers:
         bn_rows = sorted(
-            (row for row in rift_bn.get("mrc") or [] if row.get("type") == "bn"), key=lambda r: r["mrc"]
+            (
+                row
+                for row in rift_bn.get("mrc") or []
+                if row.get("type") == "bn" and row.get("status", "exact") == "exact"  # not a bound
+            ),
+            key=lambda r: r["mrc"],
         )
         if not bn_rows:
             return (
