@@ -161,3 +161,16 @@ def reevaluate(r: dict, which: str = "final") -> dict[str, float]:
         return evaluate(
             model, *dm.test_tensors(), make_attack(cfg.attack), dm.num_classes, cfg.eval.batch_size
         )
+
+
+@pytest.fixture(scope="module")
+def critical() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """bench --quick's MRC setting: a random ResNet-18 (width 4) with calibrated BN statistics, random BN
+    affines and a scaled classifier, on 32 random images (substantial MRC values and robust-accuracy
+    drops, so a wrong protocol cannot hide in float noise)."""
+    from rift_bn.bench import mrc_model
+
+    torch.manual_seed(0)
+    model = mrc_model("resnet18", 4, 0)
+    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    return model, x, y

@@ -17,7 +17,6 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
-from rift_bn.bench import mrc_model
 from rift_bn.mrc import (
     EXACT,
     KINDS,
@@ -34,14 +33,6 @@ from rift_bn.pipeline import Run
 # 4 epochs of 5 steps over 32 examples in batches of 12 (3 a pass): epochs start inside a pass
 PROTO = MRCProtocol(epochs=4, batch_size=12, eval_batch_size=24, steps_per_epoch=5, shuffle=True, seed=1)
 CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-@pytest.fixture(scope="module")
-def critical() -> tuple[nn.Module, Tensor, Tensor]:
-    torch.manual_seed(0)
-    model = mrc_model("resnet18", 4, 0)
-    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    return model, x, y
 
 
 @pytest.fixture(scope="module")

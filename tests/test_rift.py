@@ -14,7 +14,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rift_bn.attacks import PGD
-from rift_bn.bench import mrc_model
 from rift_bn.callbacks import ModuleSelection
 from rift_bn.data import CIFARDataModule
 from rift_bn.interpolate import choose_alpha, interpolate_state
@@ -72,14 +71,6 @@ KINDS_ALL = ("conv", "linear", "bn")
 # accuracy drops are non-zero, so a wrong epoch, a wrong drop or a wrong scale cannot hide in float noise.
 # (compute_mrc does not care how the set was made; on this net PGD leaves 0 % robust accuracy, no drop.)
 CRITICAL_PROTO = MRCProtocol(epochs=2, batch_size=16, eval_batch_size=24, shuffle=False, steps_per_epoch=None)
-
-
-@pytest.fixture(scope="module")
-def critical() -> tuple[nn.Module, Tensor, Tensor]:
-    torch.manual_seed(0)
-    model = mrc_model("resnet18", 4, 0)
-    x, y = torch.rand(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    return model, x, y
 
 
 @pytest.fixture(scope="module")
