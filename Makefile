@@ -20,8 +20,8 @@ test: install  ## run the test suite
 	$(BIN)/python -m pytest -q tests
 
 lint: install  ## ruff
-	$(BIN)/ruff check rift_bn tests
-	$(BIN)/ruff format --check rift_bn tests
+	$(BIN)/ruff check rift_bn benchmarks tests
+	$(BIN)/ruff format --check rift_bn benchmarks tests
 
 DATA ?= $(or $(RIFT_BN_DATA),data)
 JPEG := ../shared/data/cifar10-jpeg
@@ -34,7 +34,7 @@ smoke: install data  ## the main job at smoke scale: RiFT vs RiFT-with-BN, k=1,2
 	RIFT_BN_DATA=$(abspath $(DATA)) $(BIN)/python -m rift_bn.run +experiment=topk scale=smoke data=cifar10 k=1,2 -m
 
 bench: install  ## performance ratios (docs/performance.md)
-	$(BIN)/python -m rift_bn.bench
+	$(BIN)/python -m benchmarks.bench
 
 gpu-check: install data  ## the GPU path on a GPU machine: bf16, channels_last, compile, MRC timings (-> gpu_check/)
 	DATA=$(abspath $(DATA)) PY=$(BIN)/python bash scripts/gpu_check.sh

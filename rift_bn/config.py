@@ -1,42 +1,28 @@
-"""Configuration checks that run before any work, and small parsing helpers."""
+"""The checks the schema (rift_bn.schema) cannot express, run before any work, and small parsing helpers.
+
+Types, keys and choices are refused by OmegaConf against the schema while the config is composed. What is
+left here: ranges, ``8/255`` pixel strings, rules across fields, the environment, and keys that Hydra's
+``+key=...`` and ``~key`` add or remove around the schema.
+"""
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+from collections.abc import Iterable
+from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ConfigTypeError
 
-DATASETS = ("cifar10", "cifar100")
-MODELS = ("resnet18", "preact_resnet18", "wrn34_10")
-METHODS = ("rift", "rift_bn", "full", "bn_only", "conv_linear_only")
-STAGES = ("at", "finetune")
-LOGGERS = ("wandb", "csv", "tensorboard", "none")
-KINDS = ("conv", "linear", "bn")  # the keys of rift_bn.models.CANDIDATE_KINDS (no torch import here)
-SELECTIONS = ("mrc", "all")
-# Lightning precisions the code handles (evaluate.autocast; models stay float32 outside the Trainer)
-PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
-ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+from rift_bn.errors import UserError
+from rift_bn.schema import Accelerator, Kind, LoggerName, SelectionSource
+
 WANDB_MODES = ("offline", "online", "disabled", "dryrun", "shared", "run")  # wandb.Settings.mode
 SEED_MAX = 2**32 - 1  # Lightning's seed_everything range
-BOOLEANS = (
-    "force",
-    "base.train_if_missing",
-    "data.download",
-    "model.compile",
-    "model.channels_last",
-    "attack.random_start",
-    "at.attack.random_start",
-    "eval.autoattack",
-    "mrc.shuffle",
-    "trainer.progress_bar",
-)
-_ABSENT = object()
 # Settings that change no number: a job (and a report's experiment) is the same wherever its data and
-# caches live and whatever it logs to. rift_bn.run drops them from the job key.
+# caches live and whatever it logs to. rift_bn.pipeline.keys drops them from every key.
 NON_RESULT_KEYS: tuple[str, ...] = (
     "logger",
     "force",
@@ -46,20 +32,28 @@ NON_RESULT_KEYS: tuple[str, ...] = (
     "trainer.progress_bar",
     "trainer.log_every_n_steps",
 )
-# model.width of the CPU-scale profiles (scale=cpu, smoke): a narrow network of each architecture.
-# ResNets count first-stage channels (64 standard), WideResNet its widen factor (10 standard).
-SMALL_WIDTH = {"resnet18": 16, "preact_resnet18": 16, "wrn34_10": 1}
-OmegaConf.register_new_resolver("small_width", lambda name: SMALL_WIDTH.get(name, 16), replace=True)
+# The corruption evaluation's settings: with eval.corruptions=false they change no number either, and a job
+# (and a report's experiment) is the one it was before they existed.
+CORRUPTION_KEYS: tuple[str, ...] = ("eval.corruptions", "eval.corruptions_subset", "eval.corruptions_attack")
 
 
-class ConfigError(ValueError):
-    """A setting the user must change; the message is one line naming the setting and the fix."""
+def unused_corruption_keys(config: DictConfig | dict) -> tuple[str, ...]:
+    """The settings of :data:`CORRUPTION_KEYS` that change nothing in a run of ``config`` (all of them with
+    ``eval.corruptions`` false or absent, as in files written before it existed; else none)."""
+    corruptions = (config.get("eval") or {}).get("corruptions", False)
+    return CORRUPTION_KEYS if corruptions is False else ()
 
 
-def _fmt(value: object) -> str:
+class ConfigError(UserError, ValueError):
+    """A setting the user must change; the message is one line naming the setting and the fix.
+
+    Also a ``ValueError``: the library raised ``ValueError`` for the same mistakes before (tests match it)."""
+
+
+def as_written(value: object) -> str:
     """A value as it is written on the command line (lists without quotes)."""
     if isinstance(value, ListConfig | list | tuple):
-        return "[" + ",".join(_fmt(v) for v in value) + "]"
+        return "[" + ",".join(as_written(v) for v in value) + "]"
     if isinstance(value, DictConfig):
         return str(OmegaConf.to_container(value))
     if value is None:
@@ -84,94 +78,102 @@ def pixels(value: float | int | str, key: str) -> float:
         return out
     except (TypeError, ValueError, ZeroDivisionError):
         raise ConfigError(
-            f"{key}={_fmt(value)}: not a number; write e.g. {key}=8/255 or {key}=0.0314"
+            f"{key}={as_written(value)}: not a number; write e.g. {key}=8/255 or {key}=0.0314"
         ) from None
 
 
-def _get(cfg: DictConfig, key: str, default: Any = _ABSENT) -> Any:
-    """``cfg.<key>``; a missing required key is a ConfigError, not an omegaconf traceback."""
-    try:
-        value = OmegaConf.select(cfg, key, default=_ABSENT)
-    except (ConfigKeyError, ConfigTypeError):  # a section replaced by a list or a scalar
-        value = _ABSENT
-    if value is _ABSENT:
-        if default is not _ABSENT:
-            return default
-        raise ConfigError(
-            f"{key}: required setting is missing; set {key}=... or drop the override that removed it"
-        )
-    return value
+def suggest(key: str, keys: list[str]) -> str | None:
+    """The valid key nearest to a misspelt one (``mrc.epoch`` -> ``mrc.epochs``), if any is close."""
+    parent, _, leaf = key.rpartition(".")
+    # first the names in the same section (``mrc.epoch`` -> ``mrc.epochs``), then any key (stricter)
+    same = {k.rpartition(".")[2]: k for k in keys if k.rpartition(".")[0] == parent}
+    for word, pool, cutoff in ((leaf, same, 0.6), (key, {k: k for k in keys}, 0.75)):
+        close = difflib.get_close_matches(word, list(pool), n=1, cutoff=cutoff)
+        if close and pool[close[0]] != key:
+            return pool[close[0]]
+    return None
 
 
-def _choice(value: object, key: str, choices: tuple[str, ...]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{key}={_fmt(value)}: unknown; choose one of {', '.join(choices)}")
+def unknown_key(given: str, key: str, schema: type, extra: Iterable[str] = ()) -> str:
+    """One line for ``key``, which the section ``schema`` lacks: ``given`` (as written), the nearest
+    key and the allowed ones (``extra``: other names allowed there, such as config groups)."""
+    section = key.rpartition(".")[0]
+    names = sorted({f.name for f in fields(schema)} | set(extra))
+    prefix = f"{section}." if section else ""
+    near = suggest(key, [prefix + n for n in names])
+    hint = f"did you mean {near}?" if near else "check the spelling"
+    where = f"keys of {section}" if section else "top-level keys"
+    return f"{given}: no such setting ({hint}); allowed {where}: {', '.join(names)}"
 
 
-def _is_real(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+def _check_keys(node: DictConfig, prefix: str = "") -> None:
+    """Each section holds exactly its schema's keys, none missing (``+key=...`` and ``~key`` bypass it)."""
+    schema = OmegaConf.get_type(node)
+    names = [f.name for f in fields(schema)]  # type: ignore[arg-type]
+    for key in node:
+        if key not in names:
+            given = f"+{prefix}{key}={as_written(node[key])}"
+            raise ConfigError(unknown_key(given, f"{prefix}{key}", schema))  # type: ignore[arg-type]
+    for name in names:
+        if name not in node or OmegaConf.is_missing(node, name):
+            raise ConfigError(
+                f"{prefix}{name}: required setting is missing; set {prefix}{name}=... or drop the "
+                "override that removed it"
+            )
+        if is_dataclass(OmegaConf.get_type(child := node[name])):  # a section, not a dict in an Any field
+            _check_keys(child, f"{prefix}{name}.")
 
 
-def _is_whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _at_least(value: float, key: str, low: float, hint: str = "") -> None:
+    if not (math.isfinite(value) and value >= low):
+        raise ConfigError(f"{key}={as_written(value)}: must be a number >= {low}{hint}")
 
 
-def _at_least(value: object, key: str, low: float, hint: str = "") -> None:
-    if not _is_real(value) or value < low:  # type: ignore[operator]
-        raise ConfigError(f"{key}={_fmt(value)}: must be a number >= {low}{hint}")
+def _whole(value: int | None, key: str, low: int, hint: str = "") -> None:
+    """A whole number >= ``low``, or null where the schema allows it."""
+    if value is not None and value < low:
+        raise ConfigError(f"{key}={as_written(value)}: must be a whole number >= {low}{hint}")
 
 
-def _whole(value: object, key: str, low: int, hint: str = "") -> None:
-    if not _is_whole(value) or value < low:  # type: ignore[operator]
-        raise ConfigError(f"{key}={_fmt(value)}: must be a whole number >= {low}{hint}")
-
-
-def _check_devices(devices: object, accelerator: object) -> None:
+def _check_devices(devices: object, accelerator: Accelerator) -> None:
     """Lightning's ``devices``: a count (-1 = all), 'auto', a list of device ids or a string of them."""
+    whole = isinstance(devices, int) and not isinstance(devices, bool)
     ok = (
-        (_is_whole(devices) and (devices >= 1 or devices == -1))  # type: ignore[operator]
+        (whole and (devices >= 1 or devices == -1))  # type: ignore[operator]
         or devices == "auto"
         or (
-            isinstance(devices, ListConfig | list)
+            isinstance(devices, ListConfig)
             and len(devices) > 0
-            and all(_is_whole(d) and d >= 0 for d in devices)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
             and len(set(devices)) == len(devices)
         )
         or (isinstance(devices, str) and devices.replace(",", "").strip().isdigit())
     )
-    if accelerator == "cpu" and ok and not (devices == "auto" or (_is_whole(devices) and devices >= 1)):  # type: ignore[operator]
+    if accelerator == Accelerator.cpu and ok and not (devices == "auto" or (whole and devices >= 1)):  # type: ignore[operator]
         raise ConfigError(
-            f"trainer.devices={_fmt(devices)}: with trainer.accelerator=cpu give a process count >= 1"
+            f"trainer.devices={as_written(devices)}: with trainer.accelerator=cpu give a process count >= 1"
         )
     if not ok:
         raise ConfigError(
-            f"trainer.devices={_fmt(devices)}: give a device count >= 1 (-1 = all), auto, "
+            f"trainer.devices={as_written(devices)}: give a device count >= 1 (-1 = all), auto, "
             "or a list of device ids like [0,1]"
         )
 
 
 def _validate_trainer(cfg: DictConfig) -> None:
-    accelerator = _get(cfg, "trainer.accelerator")
-    _choice(accelerator, "trainer.accelerator", ACCELERATORS)
-    _check_devices(_get(cfg, "trainer.devices"), accelerator)
-    precision = _get(cfg, "trainer.precision")
-    if precision not in PRECISIONS or not isinstance(precision, str):
-        raise ConfigError(
-            f"trainer.precision={_fmt(precision)}: unsupported; choose one of {', '.join(PRECISIONS)}"
-        )
-    if _get(cfg, "trainer.deterministic", False) not in (True, False, "warn"):
-        raise ConfigError(
-            f"trainer.deterministic={_fmt(cfg.trainer.deterministic)}: choose true, false or warn"
-        )
-    _whole(_get(cfg, "trainer.num_nodes"), "trainer.num_nodes", 1)
-    _whole(_get(cfg, "trainer.log_every_n_steps"), "trainer.log_every_n_steps", 1)
-    devices = _get(cfg, "trainer.devices")
-    count = len(devices) if isinstance(devices, ListConfig | list) else devices if _is_whole(devices) else 0
-    world = count * _get(cfg, "trainer.num_nodes")  # processes (Lightning runs DDP for several devices)
+    t = cfg.trainer
+    _check_devices(t.devices, t.accelerator)
+    if t.deterministic not in (True, False, "warn"):
+        raise ConfigError(f"trainer.deterministic={as_written(t.deterministic)}: choose true, false or warn")
+    _whole(t.num_nodes, "trainer.num_nodes", 1)
+    _whole(t.log_every_n_steps, "trainer.log_every_n_steps", 1)
+    devices = t.devices
+    count = len(devices) if isinstance(devices, ListConfig) else devices if isinstance(devices, int) else 0
+    world = count * t.num_nodes  # processes (Lightning runs DDP for several devices)
     if world > 1:  # a training batch is split among the processes
         for key in ("at.batch_size", "finetune.batch_size"):
-            size = _get(cfg, key)
-            if _is_whole(size) and size % world:
+            size = OmegaConf.select(cfg, key)
+            if size % world:
                 raise ConfigError(
                     f"{key}={size}: a step's batch is split among trainer.devices x trainer.num_nodes = "
                     f"{world} processes; choose a multiple of {world}"
@@ -179,136 +181,138 @@ def _validate_trainer(cfg: DictConfig) -> None:
 
 
 def _validate_logger(cfg: DictConfig) -> None:
-    name = _get(cfg, "logger.name")
-    _choice(name, "logger", LOGGERS)
-    if name != "wandb":
+    if cfg.logger.name != LoggerName.wandb:
         return
     env = os.environ.get("WANDB_MODE")
-    if env:  # rift_bn.loggers: the environment wins over logger.mode
-        _choice(env, "WANDB_MODE (environment variable)", WANDB_MODES)
-    _choice(_get(cfg, "logger.mode"), "logger.mode", WANDB_MODES)
+    checks = [("WANDB_MODE (environment variable)", env)] if env else []  # rift_bn.loggers: env wins
+    for key, mode in [*checks, ("logger.mode", cfg.logger.mode)]:
+        if mode not in WANDB_MODES:
+            raise ConfigError(f"{key}={mode}: unknown; choose one of {', '.join(WANDB_MODES)}")
 
 
 def _validate_optimizers(cfg: DictConfig) -> None:
     for section in ("at", "finetune"):
-        _whole(_get(cfg, f"{section}.epochs"), f"{section}.epochs", 1, " (number of epochs)")
-        _whole(_get(cfg, f"{section}.batch_size"), f"{section}.batch_size", 1)
-        _at_least(_get(cfg, f"{section}.lr"), f"{section}.lr", 0)
-        _at_least(_get(cfg, f"{section}.weight_decay"), f"{section}.weight_decay", 0)
-        _at_least(_get(cfg, f"{section}.gamma"), f"{section}.gamma", 0, " (the lr factor at each milestone)")
-        momentum = _get(cfg, f"{section}.momentum")
-        if not _is_real(momentum) or not 0 <= momentum < 1:
-            raise ConfigError(f"{section}.momentum={_fmt(momentum)}: must lie in [0, 1) (paper: 0.9)")
-        milestones = _get(cfg, f"{section}.milestones")
-        nullable = section == "finetune"
-        if not (
-            (milestones is None and nullable)
-            or (isinstance(milestones, ListConfig) and all(_is_whole(m) and m >= 0 for m in milestones))
-        ):
-            raise ConfigError(
-                f"{section}.milestones={_fmt(milestones)}: need a list of epochs like [2,4]"
-                + (" or null for [epochs // 2]" if nullable else "")
-            )
+        s = cfg[section]
+        _whole(s.epochs, f"{section}.epochs", 1, " (number of epochs)")
+        _whole(s.batch_size, f"{section}.batch_size", 1)
+        _at_least(s.lr, f"{section}.lr", 0)
+        _at_least(s.weight_decay, f"{section}.weight_decay", 0)
+        _at_least(s.gamma, f"{section}.gamma", 0, " (the lr factor at each milestone)")
+        if not 0 <= s.momentum < 1:
+            raise ConfigError(f"{section}.momentum={as_written(s.momentum)}: must lie in [0, 1) (paper: 0.9)")
+        if s.milestones is not None and any(m < 0 for m in s.milestones):
+            raise ConfigError(f"{section}.milestones={as_written(s.milestones)}: epochs are >= 0; e.g. [2,4]")
 
 
 def _validate_sizes(cfg: DictConfig) -> None:
-    val_size = _get(cfg, "data.val_size")
-    _whole(val_size, "data.val_size", 1, " (the selection split must not be empty)")
-    for key in ("data.train_subset", "data.test_subset"):
-        if (value := _get(cfg, key)) is not None:
-            _whole(value, key, 1, " or null for all")
-    _whole(_get(cfg, "mrc.epochs"), "mrc.epochs", 1, " (number of epochs)")
-    _whole(_get(cfg, "mrc.batch_size"), "mrc.batch_size", 1)
-    if (steps := _get(cfg, "mrc.steps_per_epoch")) is not None:
-        _whole(steps, "mrc.steps_per_epoch", 1, " (RiFT: 20) or null for one pass over the set")
-    if (lowest := _get(cfg, "mrc.exact_lowest", None)) is not None:
-        _whole(lowest, "mrc.exact_lowest", 1, " (how many lowest MRCs to compute exactly) or null for all")
-    _whole(_get(cfg, "eval.batch_size"), "eval.batch_size", 1)
-    num = _get(cfg, "mrc.num_examples")
-    if num is not None:
-        _whole(num, "mrc.num_examples", 1, " or null for the whole selection split")
-        if num > val_size and _get(cfg, "data.selection_source") == "train_holdout":
-            raise ConfigError(
-                f"mrc.num_examples={num}: larger than the selection split (data.val_size={val_size}); "
-                "lower it, raise data.val_size, or set mrc.num_examples=null for the whole split"
-            )
+    d, m = cfg.data, cfg.mrc
+    _whole(d.val_size, "data.val_size", 1, " (the selection split must not be empty)")
+    _whole(d.train_subset, "data.train_subset", 1, " or null for all")
+    _whole(d.test_subset, "data.test_subset", 1, " or null for all")
+    _whole(m.epochs, "mrc.epochs", 1, " (number of epochs)")
+    _whole(m.batch_size, "mrc.batch_size", 1)
+    hint = " (RiFT: 20) or null for one pass over the set"
+    _whole(m.steps_per_epoch, "mrc.steps_per_epoch", 1, hint)
+    hint = " (how many lowest MRCs to compute exactly) or null for all"
+    _whole(m.exact_lowest, "mrc.exact_lowest", 1, hint)
+    _whole(cfg.eval.batch_size, "eval.batch_size", 1)
+    _whole(m.num_examples, "mrc.num_examples", 1, " or null for the whole selection split")
+    held_out = d.selection_source == SelectionSource.train_holdout  # test_half: half the test set
+    if held_out and m.num_examples is not None and m.num_examples > d.val_size:
+        raise ConfigError(
+            f"mrc.num_examples={m.num_examples}: larger than the selection split "
+            f"(data.val_size={d.val_size}); lower it, raise data.val_size, or set mrc.num_examples=null "
+            "for the whole split"
+        )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Refuse bad settings before any work starts (one-line ConfigError naming the setting)."""
-    _choice(_get(cfg, "stage"), "stage", STAGES)
-    _choice(_get(cfg, "data.name"), "data", DATASETS)
-    classes = {"cifar10": 10, "cifar100": 100}[cfg.data.name]
-    if _get(cfg, "data.num_classes", classes) != classes:  # informational: the data decide the count
-        raise ConfigError(
-            f"data.num_classes={_fmt(cfg.data.num_classes)}: {cfg.data.name} has {classes} classes; "
-            "drop the override (choose another dataset with data=...)"
-        )
-    _choice(_get(cfg, "model.name"), "model", MODELS)
-    _choice(_get(cfg, "method.name"), "method", METHODS)
-    _choice(_get(cfg, "method.selection"), "method.selection", SELECTIONS)
-    kinds = _get(cfg, "method.kinds")
-    if not isinstance(kinds, ListConfig) or not kinds or any(k not in KINDS for k in kinds):
-        raise ConfigError(
-            f"method.kinds={_fmt(kinds)}: need a non-empty list of module kinds from {', '.join(KINDS)}"
-        )
-    _validate_logger(cfg)
-    _validate_trainer(cfg)
-    _choice(_get(cfg, "finetune.bn_stats"), "finetune.bn_stats", ("selected", "all", "none"))
-    _choice(_get(cfg, "mrc.estimator"), "mrc.estimator", ("exact", "linear"))
-    _choice(_get(cfg, "at.attack_bn_mode"), "at.attack_bn_mode", ("train", "eval"))
-    _choice(_get(cfg, "data.selection_source"), "data.selection_source", ("train_holdout", "test_half"))
-    precision = _get(cfg, "eval.precision")
-    if precision not in PRECISIONS or not isinstance(precision, str):
-        raise ConfigError(
-            f"eval.precision={_fmt(precision)}: unsupported; choose one of {', '.join(PRECISIONS)} "
-            "(32-true, the default, evaluates in float32)"
-        )
-    for key in (*BOOLEANS, "mrc.linear_step"):
-        value = _get(cfg, key, False if key == "mrc.linear_step" else _ABSENT)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}={_fmt(value)}: must be true or false")
-    seed = _get(cfg, "seed")
-    if not _is_whole(seed) or not 0 <= seed <= SEED_MAX:
-        raise ConfigError(f"seed={_fmt(seed)}: must be a whole number in [0, {SEED_MAX}]")
-    _whole(_get(cfg, "k"), "k", 1, " (how many lowest-MRC modules to fine-tune)")
-    _whole(_get(cfg, "model.width"), "model.width", 1)
+def _validate_attacks(cfg: DictConfig) -> None:
     for prefix in ("attack", "at.attack"):
-        eps_raw, alpha_raw = _get(cfg, f"{prefix}.eps"), _get(cfg, f"{prefix}.alpha")
-        eps, alpha = pixels(eps_raw, f"{prefix}.eps"), pixels(alpha_raw, f"{prefix}.alpha")
+        a = OmegaConf.select(cfg, prefix)
+        eps, alpha = pixels(a.eps, f"{prefix}.eps"), pixels(a.alpha, f"{prefix}.alpha")
         if not 0 <= eps <= 1:
-            raise ConfigError(f"{prefix}.eps={eps_raw}: must lie in [0, 1] on the pixel scale (paper: 8/255)")
+            raise ConfigError(f"{prefix}.eps={a.eps}: must lie in [0, 1] on the pixel scale (paper: 8/255)")
         if not 0 < alpha <= 1:
             raise ConfigError(
-                f"{prefix}.alpha={alpha_raw}: must lie in (0, 1] on the pixel scale (paper: 2/255)"
+                f"{prefix}.alpha={a.alpha}: must lie in (0, 1] on the pixel scale (paper: 2/255)"
             )
-        _whole(_get(cfg, f"{prefix}.steps"), f"{prefix}.steps", 0)
-    _whole(_get(cfg, "attack.restarts"), "attack.restarts", 1)
-    _validate_optimizers(cfg)
-    _validate_sizes(cfg)
-    for key in ("mrc.lr", "mrc.epsilon", "interpolation.tolerance"):
-        _at_least(_get(cfg, key), key, 0)
-    alphas = _get(cfg, "interpolation.alphas")
-    if (
-        not isinstance(alphas, ListConfig)
-        or not alphas
-        or any(not _is_real(a) or not 0 <= a <= 1 for a in alphas)
-    ):
+        _whole(a.steps, f"{prefix}.steps", 0)
+    _whole(cfg.attack.restarts, "attack.restarts", 1)
+
+
+def _validate_interpolation(cfg: DictConfig) -> None:
+    alphas = cfg.interpolation.alphas
+    if not alphas or any(not 0 <= a <= 1 for a in alphas):  # NaN fails the comparison too
         raise ConfigError(
-            f"interpolation.alphas={_fmt(alphas)}: need a non-empty list of numbers in [0, 1], "
+            f"interpolation.alphas={as_written(alphas)}: need a non-empty list of numbers in [0, 1], "
             "e.g. interpolation.alphas=[0,0.5,1]"
         )
     if len(alphas) > 1 and 0 not in alphas:  # one alpha: that model as it is (layer_types: [1.0])
         raise ConfigError(
-            f"interpolation.alphas={_fmt(alphas)}: must include 0 (the base model, which the alpha* rule "
-            f"falls back to when no other point keeps its robust accuracy); e.g. "
-            f"interpolation.alphas=[0,{','.join(_fmt(a) for a in alphas)}]"
+            f"interpolation.alphas={as_written(alphas)}: must include 0 (the base model, which the alpha* "
+            "rule falls back to when no other point keeps its robust accuracy); e.g. "
+            f"interpolation.alphas=[0,{','.join(as_written(a) for a in alphas)}]"
         )
-    checkpoint = _get(cfg, "base.checkpoint")
-    if checkpoint is not None:
-        path = Path(str(checkpoint)).expanduser()
-        if not path.is_file():
-            raise ConfigError(
-                f"base.checkpoint={checkpoint}: file not found; pass an existing "
-                "checkpoint or base.checkpoint=null to use (or train) the cached base model"
-            )
+    _at_least(cfg.interpolation.tolerance, "interpolation.tolerance", 0)
+
+
+def corruption_names(value: object) -> tuple[str, ...]:
+    """The corruptions ``eval.corruptions`` asks for: none (false), RiFT's 18 (true), or the list given (each
+    once, from the 19 of the official CIFAR-10-C / CIFAR-100-C folders)."""
+    if value is False:
+        return ()
+    from rift_bn.data.corruptions import ALL_CORRUPTIONS, RIFT_CORRUPTIONS  # imports torch
+
+    if value is True:
+        return RIFT_CORRUPTIONS
+    names = list(value) if isinstance(value, ListConfig | list | tuple) else []
+    problems = [f"{n} is unknown" for n in names if n not in ALL_CORRUPTIONS]
+    problems += [f"{n} is listed twice" for n in names if names.count(n) > 1]
+    if not names or problems:
+        raise ConfigError(
+            f"eval.corruptions={as_written(value)}: {problems[0] if problems else 'not a list'}; choose true "
+            f"(RiFT's 18 corruptions), false, or a list of distinct names such as [fog,snow] from "
+            f"{', '.join(ALL_CORRUPTIONS)}"
+        )
+    return tuple(names)
+
+
+def _validate_corruptions(cfg: DictConfig) -> None:
+    """``eval.corruptions``: a valid choice whose files are where the run will read them (before any work)."""
+    e = cfg.eval
+    _whole(e.corruptions_subset, "eval.corruptions_subset", 1, " or null for every image of a severity")
+    names = corruption_names(e.corruptions)
+    if not names:
+        return
+    from rift_bn.data.corruptions import DataError, check_corruption_files
+
+    try:
+        check_corruption_files(cfg.data.root, cfg.data.name, names)
+    except DataError as err:
+        raise ConfigError(f"eval.corruptions={as_written(e.corruptions)}: {err}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Refuse what the schema lets through (one-line ConfigError naming the setting) before any work."""
+    _check_keys(cfg)
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed={cfg.seed}: must be a whole number in [0, {SEED_MAX}]")
+    _whole(cfg.k, "k", 1, " (how many lowest-MRC modules to fine-tune)")
+    _whole(cfg.model.width, "model.width", 1)
+    if not cfg.method.kinds:
+        raise ConfigError(f"method.kinds=[]: need at least one module kind; allowed: {', '.join(Kind)}")
+    _validate_logger(cfg)
+    _validate_trainer(cfg)
+    _validate_attacks(cfg)
+    _validate_optimizers(cfg)
+    _validate_sizes(cfg)
+    _at_least(cfg.mrc.lr, "mrc.lr", 0)
+    _at_least(cfg.mrc.epsilon, "mrc.epsilon", 0)
+    _validate_interpolation(cfg)
+    _validate_corruptions(cfg)
+    checkpoint = cfg.base.checkpoint
+    if checkpoint is not None and not Path(checkpoint).expanduser().is_file():
+        raise ConfigError(
+            f"base.checkpoint={checkpoint}: file not found; pass an existing "
+            "checkpoint or base.checkpoint=null to use (or train) the cached base model"
+        )

@@ -109,14 +109,17 @@ def remove_unused_output(output_dir: Path, single_launcher: bool = True) -> bool
 
     Only a folder holding nothing but Hydra's ``.hydra/``, this job's ``run.log`` and empty folders is
     removed; one with a ``results.json``, a checkpoint or any other file is kept. Then its parent goes too
-    when that is left empty (``outputs/<date>/``), or, with ``single_launcher`` (jobs run one after
-    another in this process), when it is a sweep folder left with nothing but Hydra's ``multirun.yaml``.
+    when that is left empty (``outputs/<date>/``; never the working folder or one above it), or, with
+    ``single_launcher`` (jobs run one after another in this process), when it is a sweep folder left with
+    nothing but Hydra's ``multirun.yaml``.
     Returns whether the folder was removed.
     """
     if not first_process() or not output_dir.is_dir() or not _only_scaffolding(output_dir):
         return False
     shutil.rmtree(output_dir, ignore_errors=True)
     parent = output_dir.parent
+    if Path.cwd().resolve().is_relative_to(parent.resolve()):  # never the user's working folder
+        return not output_dir.exists()
     with contextlib.suppress(OSError):
         left = sorted(p.name for p in parent.iterdir())
         if not left:

@@ -1,4 +1,4 @@
-"""Clean and robust accuracy of a model on in-memory uint8 images (torchmetrics)."""
+"""Clean and robust accuracy of a model on in-memory uint8 images, image by image."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from rift_bn.attacks import PGD, autoattack
 from rift_bn.data import to_float
@@ -24,6 +23,46 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 @torch.no_grad()
+def per_image(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: PGD | None,
+    num_classes: int,
+    batch_size: int = 500,
+    device: torch.device | str = "cpu",
+    precision: str = "32-true",
+    autoattack_eps: float | None = None,
+) -> dict[str, Tensor]:
+    """Which images the model gets right (bool per image, on the CPU): ``clean``, under ``attack``
+    (``robust``, if given) and under AutoAttack (``autoattack``, if ``autoattack_eps``). Top-1 by argmax,
+    as torchmetrics' micro accuracy counts it."""
+    device = torch.device(device)
+    modes = [(m, m.training) for m in model.modules()]  # per module: a mixed state comes back as it was
+    model.eval()
+    out: dict[str, list[Tensor]] = {"clean": [], "robust": [], "autoattack": []}
+    try:
+        for i in range(0, len(x), batch_size):
+            xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
+            with autocast(device, precision):
+                out["clean"].append(model(xb).argmax(1) == yb)
+                if attack is not None:
+                    out["robust"].append(model(attack(model, xb, yb)).argmax(1) == yb)
+                if autoattack_eps is not None:
+                    adv = autoattack(model, xb, yb, autoattack_eps, num_classes)
+                    out["autoattack"].append(model(adv).argmax(1) == yb)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return {k: torch.cat(v).cpu() for k, v in out.items() if v}
+
+
+def accuracies(correct: dict[str, Tensor]) -> dict[str, float]:
+    """``{clean_acc, robust_acc, autoattack_acc}`` in percent, each the exact fraction of its counts
+    (``correct * 100 / images``, no float32 rounding)."""
+    return {f"{k}_acc": int(v.sum()) * 100 / len(v) for k, v in correct.items()}
+
+
 def evaluate(
     model: nn.Module,
     x: Tensor,
@@ -36,30 +75,6 @@ def evaluate(
     autoattack_eps: float | None = None,
 ) -> dict[str, float]:
     """Clean accuracy and accuracy under ``attack`` (and AutoAttack if ``autoattack_eps``), in percent."""
-    device = torch.device(device)
-    modes = [(m, m.training) for m in model.modules()]  # per module: a mixed state comes back as it was
-    model.eval()
-    metrics = {
-        name: MulticlassAccuracy(num_classes, average="micro").to(device)
-        for name in ("clean_acc", "robust_acc", "autoattack_acc")
-    }
-    try:
-        for i in range(0, len(x), batch_size):
-            xb, yb = to_float(x[i : i + batch_size].to(device)), y[i : i + batch_size].to(device)
-            with autocast(device, precision):
-                metrics["clean_acc"].update(model(xb), yb)
-                if attack is not None:
-                    metrics["robust_acc"].update(model(attack(model, xb, yb)), yb)
-                if autoattack_eps is not None:
-                    metrics["autoattack_acc"].update(
-                        model(autoattack(model, xb, yb, autoattack_eps, num_classes)), yb
-                    )
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    out = {"clean_acc": 100 * metrics["clean_acc"].compute().item()}
-    if attack is not None:
-        out["robust_acc"] = 100 * metrics["robust_acc"].compute().item()
-    if autoattack_eps is not None:
-        out["autoattack_acc"] = 100 * metrics["autoattack_acc"].compute().item()
-    return out
+    return accuracies(
+        per_image(model, x, y, attack, num_classes, batch_size, device, precision, autoattack_eps)
+    )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def interpolate_state(base: dict[str, Tensor], tuned: dict[str, Tensor], alpha: float) -> dict[str, Tensor]:
@@ -37,3 +38,32 @@ def choose_alpha(
         min(curve, key=lambda p: p["alpha"])
     ]
     return max(ok, key=lambda p: (p["clean_acc"], p["robust_acc"], -p["alpha"]))
+
+
+def interpolated(base: nn.Module, tuned: nn.Module, alpha: float) -> nn.Module:
+    """A copy of ``base`` holding theta(alpha)."""
+    model = copy.deepcopy(base)
+    model.load_state_dict(interpolate_state(base.state_dict(), tuned.state_dict(), alpha))
+    return model
+
+
+def interpolation_curve(
+    base: nn.Module,
+    tuned: nn.Module,
+    alphas: Sequence[float],
+    base_point: dict[str, float],
+    evaluate: Callable[[nn.Module], dict[str, float]],
+) -> list[dict[str, float]]:
+    """Accuracy along theta(a) for each of ``alphas`` (ascending): ``evaluate`` of every point, and
+    ``base_point`` for a = 0 (theta(0) is the base model exactly, evaluated the same way)."""
+    base_sd, tuned_sd = base.state_dict(), tuned.state_dict()
+    probe = copy.deepcopy(base)
+    curve = []
+    for a in sorted(float(a) for a in alphas):
+        if a == 0.0:
+            point = base_point
+        else:
+            probe.load_state_dict(interpolate_state(base_sd, tuned_sd, a))
+            point = evaluate(probe)
+        curve.append({"alpha": a, "clean_acc": point["clean_acc"], "robust_acc": point["robust_acc"]})
+    return curve

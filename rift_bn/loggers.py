@@ -12,6 +12,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from rift_bn.results import Results
+
 
 def run_group(cfg: DictConfig, output_dir: Path) -> str:
     """W&B group: the sweep (its multirun folder) or, for a single run, the run folder."""
@@ -116,7 +118,7 @@ def make_logger(cfg: DictConfig, output_dir: Path, job_type: str) -> Logger | No
     )
 
 
-def _numbers(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
+def _numbers(prefix: str, values: Mapping[str, Any] | None) -> dict[str, float]:
     return {
         f"{prefix}/{k}": v
         for k, v in (values or {}).items()
@@ -124,21 +126,27 @@ def _numbers(prefix: str, values: dict[str, Any] | None) -> dict[str, float]:
     }
 
 
-def summary_scalars(results: dict[str, Any]) -> dict[str, float | int | None]:
+def summary_scalars(results: Results) -> dict[str, float | int | None]:
     """The run's scalar summary: ``test/*`` (the final model), ``base/*``, ``delta/*``, ``alpha``, ``k``,
-    ``n_selected`` and ``timings/<stage>`` (seconds). ``alpha`` and ``k`` are None where not used."""
+    ``n_selected``, ``stats/<metric>/{delta,ci_low,ci_high,p_value,n,gained,lost}``,
+    ``corruptions/{base,final,delta}/<metric>`` (mean corruption accuracy, ``eval.corruptions``) and
+    ``timings/<stage>`` (seconds). ``alpha`` and ``k`` are None where not used."""
     out: dict[str, float | int | None] = {
-        **_numbers("test", results["final"]),
-        **_numbers("base", results["base"]),
-        **_numbers("delta", results.get("delta")),
-        "alpha": results.get("alpha"),
-        "k": results.get("k"),
-        "n_selected": len(results.get("selected") or []),
+        **_numbers("test", results.final),
+        **_numbers("base", results.base),
+        **_numbers("delta", results.delta),
+        "alpha": results.alpha,
+        "k": results.experiment.k,
+        "n_selected": len(results.selected),
     }
-    return out | _numbers("timings", results.get("timings"))
+    for metric, stat in (results.stats or {}).items():  # paired base vs final: CI bounds, McNemar p
+        out |= _numbers(f"stats/{metric}", stat)
+    for model, means in (results.corruptions or {}).get("mean", {}).items():  # eval.corruptions
+        out |= _numbers(f"corruptions/{model}", means)
+    return out | _numbers("timings", results.timings)
 
 
-def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
+def log_summary(logger: Logger | None, results: Results) -> None:
     """The run's final numbers (:func:`summary_scalars`) into its logger.
 
     W&B: the run summary, plus ``selected`` and ``mrc_source``, and the MRC table and interpolation curve as
@@ -158,43 +166,43 @@ def log_summary(logger: Logger | None, results: dict[str, Any]) -> None:
     run.summary.update(
         summary
         | {
-            "selected": [s["name"] for s in results.get("selected", [])],
-            "mrc_source": results.get("mrc_source"),
-            "bn_stats": results.get("bn_stats"),
-            "data_fingerprint": results.get("data_fingerprint"),
-            "selection_held_out": results.get("selection_held_out"),
+            "selected": [s["name"] for s in results.selected],
+            "mrc_source": results.mrc_source,
+            "bn_stats": results.experiment.bn_stats,
+            "data_fingerprint": results.data_fingerprint,
+            "selection_held_out": results.selection_held_out,
         }
     )
-    if results.get("mrc"):
+    if results.mrc:
         cols = ["name", "type", "mrc", "status", "robust_acc_drop", "selected"]
-        chosen = {s["name"] for s in results.get("selected", [])}
-        run.log(
-            {
-                "mrc_table": wandb.Table(
-                    columns=cols,
-                    data=[
-                        [
-                            r["name"],
-                            r["type"],
-                            r["mrc"],
-                            r.get("status", "exact"),  # lower_bound: mrc.exact_lowest stopped it early
-                            r.get("robust_acc_drop"),
-                            r["name"] in chosen,
-                        ]
-                        for r in results["mrc"]
-                    ],
-                )
-            }
-        )
-    if results.get("interpolation"):
+        chosen = {s["name"] for s in results.selected}
+        rows = [
+            [
+                r["name"],
+                r["type"],
+                r["mrc"],
+                r.get("status", "exact"),  # lower_bound: mrc.exact_lowest stopped it early
+                r.get("robust_acc_drop"),
+                r["name"] in chosen,
+            ]
+            for r in results.mrc
+        ]
+        run.log({"mrc_table": wandb.Table(columns=cols, data=rows)})
+    if results.interpolation:
         cols = ["alpha", "clean_acc", "robust_acc"]
-        run.log(
-            {
-                "interpolation": wandb.Table(
-                    columns=cols, data=[[p[c] for c in cols] for p in results["interpolation"]]
-                )
-            }
-        )
+        points = [[p[c] for c in cols] for p in results.interpolation]  # type: ignore[literal-required]
+        run.log({"interpolation": wandb.Table(columns=cols, data=points)})
+    if results.corruptions:  # one row per model, metric, corruption and severity
+        c = results.corruptions
+        rows = [
+            [model, metric, name, int(severity), acc]
+            for model in ("base", "final")
+            for metric, table in c[model].items()  # type: ignore[literal-required]
+            for name, by_severity in table.items()
+            for severity, acc in by_severity.items()
+        ]
+        cols = ["model", "metric", "corruption", "severity", "accuracy"]
+        run.log({"corruptions": wandb.Table(columns=cols, data=rows)})
 
 
 def finish(logger: Logger | None) -> None:
@@ -202,3 +210,23 @@ def finish(logger: Logger | None) -> None:
         logger.experiment.finish()
     elif logger is not None:
         logger.finalize("success")
+
+
+class StageLoggers:
+    """A job's experiment loggers, one per stage (``at``, ``finetune``), opened when first asked for."""
+
+    def __init__(self, cfg: DictConfig, output_dir: Path) -> None:
+        self.cfg, self.output_dir = cfg, output_dir
+        self.open: dict[str, Logger | None] = {}
+
+    def __call__(self, stage: str) -> Logger | None:
+        """The stage's logger (opened now if it is not open)."""
+        if stage not in self.open:
+            self.open[stage] = make_logger(self.cfg, self.output_dir, stage)
+        return self.open[stage]
+
+    def close(self, stage: str, results: Results | None = None) -> None:
+        """Write the run's summary (if given) into the stage's logger, opening one if needed, and close it."""
+        if results is not None:
+            log_summary(self(stage), results)
+        finish(self.open.pop(stage, None))

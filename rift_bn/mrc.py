@@ -14,7 +14,7 @@ the values that do not depend on the candidate (e.g. a residual block's shortcut
 runs forward and backward from the candidate on, with gradients for its parameters alone, and each
 epoch's evaluation doubles as the next epoch's first forward. ``mrc_reference`` is the protocol as it
 reads (a model copy per module, full forward and backward, a separate evaluation), kept as the oracle
-for tests and the benchmark (``python -m rift_bn.bench``). ``bounded_mrc`` (``mrc.exact_lowest``) gives
+for tests and the benchmark (``python -m benchmarks.bench``). ``bounded_mrc`` (``mrc.exact_lowest``) gives
 the n lowest MRCs exactly, the same values as ``compute_mrc``, and a lower bound for every other module,
 advancing one epoch at a time only the modules that could still be among the n lowest.
 """
@@ -33,7 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from rift_bn.config import ConfigError
+from rift_bn.data import to_float
+from rift_bn.errors import NonFiniteLoss
 from rift_bn.models import candidate_modules, frozen
+from rift_bn.seeds import SeedStream, seeded
 
 KINDS = {"rift": ("conv", "linear"), "rift_bn": ("conv", "linear", "bn")}
 
@@ -59,6 +63,29 @@ class MRCProtocol:
     def steps(self, n: int) -> int:
         """Ascent steps per epoch over ``n`` examples: ``steps_per_epoch``, or one pass."""
         return self.steps_per_epoch if self.steps_per_epoch is not None else math.ceil(n / self.batch_size)
+
+
+def adversarial_examples(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: Callable[[nn.Module, Tensor, Tensor], Tensor],
+    batch_size: int,
+    device: torch.device | str,
+    seed: int,
+) -> Tensor:
+    """MRC's adversarial set: ``attack(model, ...)`` on images ``x`` (uint8, converted per batch, or float
+    in [0, 1]) with labels ``y``, in batches of ``batch_size`` on ``device``; returned on the CPU.
+
+    Runs on the job ``seed``'s ``SeedStream.ADVERSARIAL_SET``, forked, so the set depends on nothing run
+    before it and the caller's RNG state is kept."""
+    with seeded(seed, SeedStream.ADVERSARIAL_SET):
+        out = []
+        for i in range(0, len(y), batch_size):
+            xb = x[i : i + batch_size].to(device)
+            xb = to_float(xb) if xb.dtype == torch.uint8 else xb
+            out.append(attack(model, xb, y[i : i + batch_size].to(device)).cpu())
+    return torch.cat(out)
 
 
 def perturbed_params(module: nn.Module, kind: str) -> list[nn.Parameter]:
@@ -117,16 +144,17 @@ def _chunks(idx: Index, size: int) -> list[Index]:
 
 
 @torch.no_grad()
-def _loss_and_acc(
+def loss_and_acc(
     forward: Callable[[Tensor], Tensor], h: Tensor, y: Tensor, batch_size: int
 ) -> tuple[float, float]:
-    """Mean cross-entropy (float64 accumulation) and accuracy (percent) over the whole set."""
+    """Mean cross-entropy (float64 accumulation) and accuracy (percent) of ``forward`` over the whole set
+    ``h`` (labels ``y``), in batches of ``batch_size``: MRC's base and per-epoch evaluation."""
     total, correct = _sums(lambda idx: forward(h[idx]), y, _chunks(slice(0, len(y)), batch_size))
     return total.item() / len(y), 100.0 * int(correct) / len(y)
 
 
-def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
-    """Summed cross-entropy in at least float32 (float64 stays float64)."""
+def ce_sum(logits: Tensor, y: Tensor) -> Tensor:
+    """Summed cross-entropy in at least float32 (float64 stays float64): MRC's loss of one batch."""
     if logits.dtype != torch.float64:
         logits = logits.float()
     return F.cross_entropy(logits, y, reduction="sum")
@@ -138,7 +166,7 @@ def _sums(logits_of: Callable[[Index], Tensor], y: Tensor, chunks: Sequence[Inde
     correct = torch.zeros((), dtype=torch.int64, device=y.device)
     for idx in chunks:
         logits = logits_of(idx)
-        total += _ce_sum(logits, y[idx]).double()
+        total += ce_sum(logits, y[idx]).double()
         correct += (logits.argmax(1) == y[idx]).sum()
     return total, correct
 
@@ -149,7 +177,7 @@ def _result(best_loss: float, best_acc: float, best_epoch: int, base_loss: float
 
 def _check_finite(loss: float, name: str, epoch: int) -> None:
     if not math.isfinite(loss):
-        raise FloatingPointError(
+        raise NonFiniteLoss(
             f"mrc: loss is {loss} for module {name} at epoch {epoch}; lower mrc.lr or mrc.epsilon"
         )
 
@@ -233,7 +261,7 @@ class _Ascent:
         return self.state.epochs_run >= self.proto.epochs
 
     def _first(self, idx: Index) -> tuple[Tensor, Tensor, Tensor]:
-        """Logits, per-example cross-entropy (as ``_ce_sum`` widens) and their mean, graph kept."""
+        """Logits, per-example cross-entropy (as ``ce_sum`` widens) and their mean, graph kept."""
         with torch.enable_grad():
             logits = self.forward(*_take(self.inputs, idx))
             wide = logits if logits.dtype == torch.float64 else logits.float()
@@ -333,7 +361,7 @@ def _ascent_reference(
                     (-F.cross_entropy(forward(h[idx]), y[idx])).backward()
                 optimizer.step()  # p - lr * grad(-loss): gradient ascent
             project_(params, originals, proto.epsilon)
-            loss_e, acc_e = _loss_and_acc(forward, h, y, proto.eval_batch_size)
+            loss_e, acc_e = loss_and_acc(forward, h, y, proto.eval_batch_size)
             _check_finite(loss_e, name, epoch)
             if loss_e > best_loss:
                 best_loss, best_acc, best_epoch = loss_e, acc_e, epoch
@@ -344,7 +372,9 @@ def _ascent_reference(
     return _result(best_loss, best_acc, best_epoch, base_loss, base_acc)
 
 
-def _compose(stages: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
+def compose_stages(stages: Sequence[nn.Module]) -> Callable[[Tensor], Tensor]:
+    """``stages`` run one after another, as one function (the identity for none)."""
+
     def forward(h: Tensor) -> Tensor:
         for stage in stages:
             h = stage(h)
@@ -477,7 +507,7 @@ def compute_mrc(
         h, done = x_adv, 0  # h: input of stage i for the whole set; at the end, the base logits
         for i, stage in enumerate(stages):
             here = [(n, m, k) for n, m, k in candidates if stage_of[id(m)] == i]
-            tail = _compose(stages[i + 1 :])
+            tail = compose_stages(stages[i + 1 :])
             gm = _trace(stage) if here else None
             for name, module, kind in here:
                 cut = _inside_stage(gm, module, h, ebs)
@@ -583,7 +613,7 @@ def bounded_mrc(
     of cached stage inputs.
     """
     if exact_lowest is not None and exact_lowest < 1:
-        raise ValueError(f"exact_lowest={exact_lowest}: need a whole number >= 1 or None (all exact)")
+        raise ConfigError(f"exact_lowest={exact_lowest}: need a whole number >= 1 or None (all exact)")
     candidates = _selected(model, kinds, names)
     epochs = proto.epochs
     index = {name: i for i, (name, _, _) in enumerate(candidates)}
@@ -615,7 +645,7 @@ def bounded_mrc(
             if i in need:
                 inputs_of[i] = h
             h = torch.cat([stage(h[j : j + ebs]) for j in range(0, len(h), ebs)])
-        base_loss, base_acc = _loss_and_acc(lambda t: t, h, y, ebs)  # no rerun: h holds the logits
+        base_loss, base_acc = loss_and_acc(lambda t: t, h, y, ebs)  # no rerun: h holds the logits
         del h
         stats["stage_input_bytes"] = sum(t.numel() * t.element_size() for t in inputs_of.values())
 
@@ -636,7 +666,7 @@ def bounded_mrc(
                 traced[i] = _trace(stages[i])
             cut = _inside_stage(traced[i], module, inputs_of[i], ebs)
             sub, inputs = cut if cut is not None else (stages[i], [inputs_of[i]])
-            tail = _compose(stages[i + 1 :])
+            tail = compose_stages(stages[i + 1 :])
 
             def forward(*hs: Tensor) -> Tensor:
                 return tail(sub(*hs))
@@ -734,7 +764,7 @@ def mrc_reference(
 ) -> dict:
     """The protocol as it reads: per module a fresh copy of the model, full forward and backward."""
     template = copy.deepcopy(model).eval()
-    base_loss, base_acc = _loss_and_acc(template, x_adv, y, proto.eval_batch_size)
+    base_loss, base_acc = loss_and_acc(template, x_adv, y, proto.eval_batch_size)
     rows = []
     for name, _, kind in _selected(template, kinds, names):
         net = copy.deepcopy(template)
@@ -759,20 +789,20 @@ def select_lowest(rows: Sequence[dict], kinds: Sequence[str], k: int) -> list[di
     exact MRC, its exact value could be among the k lowest and the selection is refused."""
     pool = [r for r in rows if r["type"] in kinds]
     if not 1 <= k <= len(pool):
-        raise ValueError(
+        raise ConfigError(
             f"k={k}: must lie between 1 and the number of candidates ({len(pool)} for "
             f"{'+'.join(kinds)}); pick a smaller k"
         )
     exact = sorted((r["mrc"], i) for i, r in enumerate(pool) if row_status(r) == EXACT)
     if len(exact) < k:
-        raise ValueError(
+        raise ConfigError(
             f"k={k}: only {len(exact)} of the {len(pool)} candidates have an exact MRC (the others are lower "
             f"bounds); compute at least {k} exactly (mrc.exact_lowest >= {k}, or null for all)"
         )
     bounds = [(r["mrc"], i) for i, r in enumerate(pool) if row_status(r) == LOWER_BOUND]
     if unsure := _below(exact, bounds, k):
         name = pool[unsure[0][1]]["name"]
-        raise ValueError(
+        raise ConfigError(
             f"k={k}: {name} has only a lower bound ({unsure[0][0]:.6g}) below the k-th lowest exact MRC, "
             f"so it could be among the k lowest; compute it exactly (mrc.exact_lowest >= {k}, or null)"
         )

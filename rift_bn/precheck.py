@@ -1,8 +1,9 @@
 """Check a command line before Hydra runs it: composition errors and bad settings as one-line messages.
 
 Without ``-m``, a comma list (``k=1,2``) or a sweep experiment (``+experiment=topk``) is refused: Hydra would
-fail in several lines, or silently run one default job of the sweep. A misspelt key names the nearest
-valid one (difflib over the composed config's dotted keys and the config groups).
+fail in several lines, or silently run one default job of the sweep. A value, key or choice that the
+schema (rift_bn.schema) refuses is named with its full key and what is allowed there; a misspelt key
+names the nearest one of its section.
 
 A multirun is checked job by job: every combination of the swept values (up to ``MAX_JOBS``), else
 each value of each sweep with the other sweeps at their first value. The config is composed once per
@@ -17,16 +18,28 @@ import itertools
 import math
 import re
 from collections.abc import Callable
+from dataclasses import fields, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf, open_dict
-from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    InterpolationResolutionError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from rift_bn.config import ConfigError, as_written, suggest, unknown_key, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 GROUPS = frozenset(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir() and p.name != "hydra")
 PLAIN_FLAGS = {"-m", "--multirun"}
 MAX_JOBS = 64
+__all__ = ["CONF_DIR", "MAX_JOBS", "precheck", "suggest"]
 
 if TYPE_CHECKING:
     from hydra.core.override_parser.types import Override
@@ -113,17 +126,48 @@ def _resolve(cfg: DictConfig) -> None:
         raise
 
 
-def _setting_of(text: str, exc: Exception) -> str | None:
-    key = getattr(exc, "full_key", None)
-    if key:
-        return str(key)
-    found = re.search(r"full_key: (\S+)", text) or re.search(r"Could not override '([^']+)'", text)
-    return found.group(1) if found else None
-
-
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+_NOUNS = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+_PLURAL = {"a whole number": "whole numbers", "a number": "numbers", "a string": "strings"}
+
+
+def _describe(tp: Any) -> str:
+    """What a schema type allows, in command-line words."""
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if len(args) < len(get_args(tp)):  # Optional[...]
+        return f"{_describe(args[0])}, or null"
+    if get_origin(tp) is list:
+        inner = _describe(args[0])
+        return f"a list of {_PLURAL.get(inner, inner)}"
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return ", ".join(tp)  # type: ignore[arg-type]
+    if is_dataclass(tp):
+        return f"a section with keys {', '.join(f.name for f in fields(tp))}"
+    return _NOUNS.get(tp, str(tp))
+
+
+def _schema_message(e: OmegaConfBaseException, overrides: list[str]) -> str | None:
+    """One line for a value or key the schema refused: the full key, the value, what is allowed."""
+    key, schema = str(e.full_key), e.object_type
+    base = key.split("[")[0]  # a list element's key names the list
+    given = next((o for o in overrides if re.match(rf"[+~]*{re.escape(base)}([.=\[]|$)", o)), None)
+    if isinstance(e, ConfigAttributeError | ConfigKeyError) and is_dataclass(schema):
+        return unknown_key(given or key, key, schema, GROUPS if "." not in key else ())  # type: ignore[arg-type]
+    if isinstance(e, ValidationError):
+        if is_dataclass(schema):
+            expected = get_type_hints(schema)[e.key]
+        else:  # an element of a list: the reference type is the list's annotation, maybe Optional
+            listed = next(a for a in (*get_args(e.ref_type), e.ref_type) if get_origin(a) is list)
+            expected = get_args(listed)[0]
+        what = "unknown choice" if isinstance(expected, type) and issubclass(expected, Enum) else "wrong type"
+        return f"{key}={as_written(e.value)}: {what}; allowed: {_describe(expected)}"
+    if isinstance(e, ConfigTypeError) and given is not None and given.startswith("~"):
+        return f"{given}: a setting of the schema cannot be deleted; set {key}=... instead"
+    return None
 
 
 def _explain(exc: Exception, overrides: list[str]) -> str:
@@ -140,7 +184,7 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
     if missing:
         group, name = missing.groups()
         options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-        return f"{group}={name}: unknown {group}; choose one of {', '.join(options)}"
+        return f"{group}={name}: unknown choice; allowed: {', '.join(options)}"
     deleted = re.search(r"Could not delete from config. '([^']+)'", text)
     if deleted:
         return f"~{deleted.group(1)}: no such setting to delete; check the spelling"
@@ -148,29 +192,12 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
     if appended:
         key = appended.group(1)
         return f"+{key}: {key} exists already; set it without the + ({key}=...)"
-    key = _setting_of(text, exc)
-    if isinstance(exc, OmegaConfBaseException) and key:
-        return f"{key}: {first}; check this setting (`python -m rift_bn.run --cfg job` lists every key)"
-    if key:
-        given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
-        near = _nearest(key, overrides)
-        hint = f"check the spelling: did you mean {near}? " if near else "check the spelling "
-        return (
-            f"{given}: no such setting; {hint}"
-            "(`python -m rift_bn.run --cfg job` lists every key; add new keys with +key=value)"
-        )
+    cause: BaseException | None = exc
+    while cause is not None:  # Hydra wraps the schema's error: its cause names the key
+        if isinstance(cause, OmegaConfBaseException) and cause.full_key:
+            return _schema_message(cause, overrides) or f"{cause.full_key}: {_first_line(cause)}"
+        cause = cause.__cause__
     return first
-
-
-def _nearest(key: str, overrides: list[str]) -> str | None:
-    """:func:`suggest` over the keys of the config this command line composes (without ``key``)."""
-    from hydra import compose, initialize_config_dir
-
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return suggest(key, _valid_keys(compose, overrides, key))
-    except Exception:  # noqa: BLE001 - a hint must never hide the error it comes with
-        return None
 
 
 def _needs_multirun(parsed: list[Override]) -> None:
@@ -218,43 +245,6 @@ def _single_job(
     return compose_job
 
 
-def _valid_keys(compose: Callable[..., DictConfig], overrides: list[str], bad: str) -> list[str]:
-    """The dotted keys (and config groups) of the config the command line composes without ``bad``."""
-    keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != bad and "," not in o]
-    for attempt in (keep, []):
-        try:
-            cfg = compose("config", overrides=attempt)
-            break
-        except Exception:  # noqa: BLE001 - another bad override: fall back to the default config
-            continue
-    else:
-        return sorted(GROUPS)
-    keys: list[str] = []
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                keys.append(f"{prefix}{k}")
-                walk(v, f"{prefix}{k}.")
-
-    walk(OmegaConf.to_container(cfg, resolve=False), "")
-    return sorted(set(keys) | GROUPS)
-
-
-def suggest(key: str, keys: list[str]) -> str | None:
-    """The valid key nearest to a misspelt one (``mrc.epoch`` -> ``mrc.epochs``), if any is close."""
-    import difflib
-
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    # first among the keys of the same section, then anywhere (``mrc.epoch`` -> ``mrc.epochs``)
-    same = [k for k in keys if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    for pool, cutoff in ((same, 0.6), (keys, 0.75)):
-        close = difflib.get_close_matches(key, pool, n=1, cutoff=cutoff)
-        if close and close[0] != key:
-            return close[0]
-    return None
-
-
 def precheck(argv: list[str]) -> str | None:
     """None if every job of the command line composes and validates, else the one-line reason."""
     if any(a.startswith("-") and a not in PLAIN_FLAGS for a in argv):
@@ -265,8 +255,6 @@ def precheck(argv: list[str]) -> str | None:
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
-
-    from rift_bn.config import ConfigError, validate
 
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

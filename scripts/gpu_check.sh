@@ -2,8 +2,8 @@
 # The GPU path in one short script (about 4 minutes on one H100; docs/performance.md, "GPU path"):
 #  1. the entry point on GPU: PGD-AT base + rift_bn k=1, then rift k=1 from the cached MRC table
 #     (trainer=gpu: bf16-mixed; model.channels_last=true; full-width ResNet-18; paper protocol otherwise);
-#  2. exact vs linear MRC on that base (python -m rift_bn.mrc_linear compare);
-#  3. the benchmark ratios on the GPU (python -m rift_bn.bench);
+#  2. exact vs linear MRC on that base (python -m benchmarks.mrc_agreement compare);
+#  3. the benchmark ratios on the GPU (python -m benchmarks.bench);
 #  4. model.compile=true vs eager adversarial training, same settings;
 #  5. MRC run to run: trainer.deterministic=warn twice, false twice (MRC table recomputed each time).
 # Usage: OUT=gpu_check DATA=data bash scripts/gpu_check.sh   (DATA: a CIFAR-10 python layout, >= 3,000 images)
@@ -12,6 +12,7 @@
 PY=${PY:-python3}; DEV=${DEV:-cuda}; OUT=${OUT:-gpu_check}; DATA=${DATA:-data}
 mkdir -p "$OUT"; RUNS=$(mktemp -d); FAILED=0
 export PYTHONUNBUFFERED=1 RIFT_BN_CACHE=$(cd "$OUT" && pwd)/cache HYDRA_FULL_ERROR=1
+export PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}  # benchmarks/ (not installed)
 if [ "$DEV" = cuda ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/env.txt" 2>&1
   TR="trainer=gpu model.channels_last=true"; W=64
@@ -35,10 +36,10 @@ step rift_bn $PY -m rift_bn.run method=rift_bn k=1 $COMMON hydra.run.dir=$RUNS/r
 step rift $PY -m rift_bn.run method=rift k=1 $COMMON hydra.run.dir=$RUNS/rift
 for m in rift_bn rift; do cp "$RUNS/$m/results.json" "$OUT/${m}_results.json" || FAILED=1; done
 CK=$($PY -c "import json, sys; print(json.load(open(sys.argv[1]))['base']['checkpoint'])" "$OUT/rift_bn_results.json")
-step compare $PY -m rift_bn.mrc_linear compare --checkpoint "$CK" --data-root "$DATA" --width $W --val-size $VS \
+step compare $PY -m benchmarks.mrc_agreement compare --checkpoint "$CK" --data-root "$DATA" --width $W --val-size $VS \
   --device $DEV --kinds both --json "$OUT/compare.json"
 BQ=""; [ -n "$SMALL" ] && BQ="--quick"
-step bench $PY -m rift_bn.bench $BQ --device $DEV --width $W --json "$OUT/bench.json"
+step bench $PY -m benchmarks.bench $BQ --device $DEV --width $W --json "$OUT/bench.json"
 for c in true false; do  # a seed of their own: each trains its own base
   step at_compile_$c $PY -m rift_bn.run +experiment=at seed=$([ $c = true ] && echo 1 || echo 2) model.compile=$c \
     $COMMON at.epochs=3 at.milestones=[2] hydra.run.dir=$RUNS/at_$c

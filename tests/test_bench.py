@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rift_bn import bench
+from benchmarks import bench
 from rift_bn.attacks import PGD
 from rift_bn.data import TensorLoader
 from rift_bn.models import build_model

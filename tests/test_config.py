@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
 
 from rift_bn.config import pixels, validate
 from rift_bn.mrc import MRCProtocol
-from rift_bn.pipeline import Run
-from rift_bn.run import job_key
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def composed(*overrides: str) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
+from rift_bn.pipeline.keys import CacheKeys, job_key
+from rift_bn.pipeline.mrc_table import exact_lowest
+from tests.conftest import composed
 
 
 def test_paper_scale_defaults_are_the_protocol() -> None:
@@ -80,16 +70,15 @@ def test_exact_lowest_defaults() -> None:
     """Every module exact by default; the topk sweep needs its largest k exactly; a larger k raises n."""
     assert composed().mrc.exact_lowest is None and composed("scale=cpu").mrc.exact_lowest is None
     assert composed("+experiment=topk").mrc.exact_lowest == 5
-    assert _run().mrc_exact_lowest() is None
-    assert _run("mrc.exact_lowest=5", "k=2").mrc_exact_lowest() == 5
-    assert _run("mrc.exact_lowest=2", "k=4").mrc_exact_lowest() == 4
+    assert exact_lowest(_run().cfg.mrc, 1) is None
+    assert exact_lowest(_run("mrc.exact_lowest=5").cfg.mrc, 2) == 5
+    assert exact_lowest(_run("mrc.exact_lowest=2").cfg.mrc, 4) == 4
 
 
 @functools.cache
-def _run(*overrides: str, fingerprint: str = "f" * 16) -> Run:
-    """A job's Run, enough to name its cache files (no data is read; ``fingerprint`` stands for the data)."""
-    data = SimpleNamespace(fingerprint=fingerprint)
-    return Run(composed("scale=cpu", *overrides), Path("out"), torch.device("cpu"), data, Path("cache"))
+def _run(*overrides: str, fingerprint: str = "f" * 16) -> CacheKeys:
+    """A job's cache keys (no data is read; ``fingerprint`` stands for the data)."""
+    return CacheKeys(composed("scale=cpu", *overrides), fingerprint, Path("cache"))
 
 
 H = "0123456789abcdef" * 4  # a base checkpoint's content hash
@@ -116,7 +105,7 @@ NOT_ADV_KEY = ["mrc.epochs=3", "mrc.estimator=linear", "k=3", "method=rift", "ev
 
 @pytest.mark.parametrize("override", BASE_KEY + NOT_BASE_KEY)
 def test_base_model_cache_key(override: str) -> None:
-    changed = _run(override).base_checkpoint()[0] != _run().base_checkpoint()[0]
+    changed = _run(override).base_path() != _run().base_path()
     assert changed == (override in BASE_KEY)
 
 
@@ -160,7 +149,7 @@ def test_base_evaluation_cache_key(override: str) -> None:
 def test_the_loaded_data_keys_every_cache() -> None:
     """Another copy of the data (one image changed, a subset) at the same path gets its own entries."""
     one, other = _run(), _run(fingerprint="e" * 16)
-    assert one.base_checkpoint()[0] != other.base_checkpoint()[0]
+    assert one.base_path() != other.base_path()
     assert one.adversarial_set_path(H, 500) != other.adversarial_set_path(H, 500)
     assert one.mrc_path(H) != other.mrc_path(H)
     for split in ("val", "test"):
@@ -178,3 +167,26 @@ def test_small_scales_make_each_architecture_narrow(scale: str, model: str, widt
     validate(cfg)
     assert cfg.model.width == width
     assert composed(f"scale={scale}", f"model={model}", "model.width=2").model.width == 2
+
+
+def test_the_schema_types_the_composed_config() -> None:
+    """The schema's types come back (Enum members equal to their strings, floats), with the same plain
+    values in a cache key, a YAML dump and a pickle (the joblib launcher) as the strings they replace."""
+    import pickle
+
+    from omegaconf import OmegaConf
+
+    from rift_bn.cache import digest
+    from rift_bn.schema import Config, Dataset, LoggerConfig, Precision, WandbLoggerConfig
+
+    cfg = composed("scale=smoke", "interpolation.tolerance=1", "trainer.precision=bf16-mixed")
+    assert OmegaConf.get_type(cfg) is Config and OmegaConf.get_type(cfg.logger) is WandbLoggerConfig
+    assert OmegaConf.get_type(composed("logger=csv").logger) is LoggerConfig  # no W&B keys there
+    assert cfg.data.name is Dataset.cifar10 and cfg.data.name == "cifar10" and "num_classes" not in cfg.data
+    assert cfg.trainer.precision is Precision["bf16-mixed"] and cfg.trainer.precision == "bf16-mixed"
+    assert isinstance(cfg.interpolation.tolerance, float) and cfg.model.width == 16
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    assert digest(plain) == digest(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    text = OmegaConf.to_yaml(cfg)
+    assert "  name: cifar10\n" in text and "precision: bf16-mixed\n" in text
+    assert pickle.loads(pickle.dumps(cfg)) == cfg

@@ -1,13 +1,13 @@
 """What the console says: sweeps need -m, each job's summary (skipped ones too), a sweep's table, run.log,
 no noise (W&B, Lightning), the --help page, nearest-key hints, checkpoint errors, no folder left by a
-refused job."""
+refused job. Messages are checked in process; the entry point runs once per exit path (--help, a job's
+UserError, a finished sweep; precheck's refusal in test_validation.py)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -21,21 +21,8 @@ from rift_bn.loggers import make_logger, wandb_mode
 from rift_bn.models.checkpoint import CheckpointError, read_state_dict
 from rift_bn.precheck import CONF_DIR, precheck, suggest
 from rift_bn.report.summary import SweepSummary, format_summary, format_sweep
-from tests.conftest import load_results
-
-ENV = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-
-
-def run_cli(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "rift_bn.run", *argv],
-        cwd=cwd,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
+from rift_bn.results import Results
+from tests.conftest import CLI, composed, load_results
 
 # ------------------------------------------------------------------------------- 3. sweeps need -m
 
@@ -71,15 +58,6 @@ def test_one_job_or_a_multirun_passes(argv: list[str]) -> None:
     assert precheck(argv) is None
 
 
-def test_cli_refuses_a_comma_list_without_multirun_with_exit_2(tmp_path: Path) -> None:
-    for argv in (["k=1,2"], ["+experiment=topk", "k=1"]):
-        proc = run_cli(*argv, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: ") and "add -m" in lines[0], proc.stderr
-    assert not (tmp_path / "outputs").exists() and not (tmp_path / "multirun").exists()
-
-
 # --------------------------------------------------------------------------- 6. nearest key, help
 
 
@@ -105,8 +83,7 @@ def test_no_suggestion_when_nothing_is_close() -> None:
 
 
 def test_help_is_a_rift_bn_page(tmp_path: Path) -> None:
-    proc = run_cli("--help", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = CLI(tmp_path, None)("--help", tiny=False)
     text = proc.stdout
     for needle in (
         "rift_bn: RiFT with BN",
@@ -164,11 +141,12 @@ def _result(method: str | None, k: int | None, selected: list[dict], **extra: ob
 
 def test_layer_type_summary_counts_modules_and_has_no_mrc_line() -> None:
     selected = [{"name": f"m{i}", "type": t} for i, t in enumerate(["conv"] * 20 + ["bn"] * 20 + ["linear"])]
-    text = format_summary(_result("full", None, selected))
+    text = format_summary(Results.from_dict(_result("full", None, selected)))
     assert "selected: all 41 modules (20 conv, 1 linear, 20 bn)" in text
     assert "mrc:" not in text and "None" not in text and "m17" not in text
 
-    rift = format_summary(_result("rift_bn", 1, [{"name": "layer1.0.bn1", "type": "bn", "mrc": 0.25}]))
+    bn1 = [{"name": "layer1.0.bn1", "type": "bn", "mrc": 0.25}]
+    rift = format_summary(Results.from_dict(_result("rift_bn", 1, bn1)))
     assert "selected: layer1.0.bn1 (bn, mrc 0.2500)" in rift and "mrc: computed" in rift
 
 
@@ -313,8 +291,6 @@ def test_only_an_unused_output_folder_is_removed(tmp_path: Path, monkeypatch: py
 def test_wandb_logger_passes_no_anonymous_and_leaves_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    from tests.test_config import composed
-
     seen: dict = {}
 
     def fake_init(**kwargs: object) -> object:
@@ -353,30 +329,18 @@ def test_resume_checkpoint_folder_warning_is_silenced() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        ["k=100"],
-        ["data=cifar100", "data.download=false"],
-        ["trainer=gpu"],
-        ["+experiment=at", "base.checkpoint=NOTES"],
-    ],
-)
-def test_a_job_refused_at_its_start_leaves_no_folder(cli, overrides: list[str]) -> None:
-    if overrides == ["trainer=gpu"]:
-        import torch
-
-        if torch.cuda.is_available():
-            pytest.skip("a GPU is visible")
-    notes = cli.tmp / "notes.txt"
-    notes.write_text("some notes\n1. first\n")
-    proc = cli(*[o.replace("NOTES", str(notes)) for o in overrides], check=False)
+def test_a_job_refused_at_its_start_exits_2_and_leaves_no_folder(cli) -> None:
+    """The exit path of a UserError inside the job (the messages: test_reliability.py, in process): one
+    ``error: ...`` line last on stderr, exit status 2, no output folder; as the only job of a sweep, no
+    sweep folder either."""
+    proc = cli("k=100", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: k=100: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert not proc.out_dir.exists(), sorted(p.name for p in proc.out_dir.rglob("*"))
-    if overrides == ["k=100"]:  # the same as the only job of a sweep: no sweep folder either
-        sweep = cli("k=100", check=False, multirun=True)
-        assert sweep.returncode == 2 and not sweep.out_dir.exists()
+    assert cli.tmp.is_dir()  # the output folder's parent is the working folder here: it stays, even empty
+    sweep = cli("k=100", check=False, multirun=True)
+    assert sweep.returncode == 2 and not sweep.out_dir.exists()
 
 
 @pytest.mark.slow
@@ -386,10 +350,10 @@ def test_a_sweep_prints_each_job_and_a_table_also_when_run_again(cli) -> None:
     runs = load_results(first)
     assert len(runs) == 2
     for r in runs:
-        assert format_summary(r) in first.stdout
+        assert format_summary(Results.from_dict(r)) in first.stdout
         job = Path(r["final"]["checkpoint"]).parent
         log = (job / "run.log").read_text()
-        assert format_summary(r) in log and f"results: {job / 'results.json'}" in log
+        assert format_summary(Results.from_dict(r)) in log and f"results: {job / 'results.json'}" in log
         assert r["config"]["logger"]["mode"] == "offline"
     assert (
         "selected: all 41 modules (20 conv, 1 linear, 20 bn)" in first.stdout
@@ -406,5 +370,5 @@ def test_a_sweep_prints_each_job_and_a_table_also_when_run_again(cli) -> None:
     again = cli(*args, multirun=True)
     assert again.stdout.count("complete already") == 2
     for r in load_results(again):
-        assert format_summary(r) in again.stdout
+        assert format_summary(Results.from_dict(r)) in again.stdout
     assert f"sweep {again.out_dir}: 2 job(s) with results" in again.stdout

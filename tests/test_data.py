@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,53 +23,12 @@ from rift_bn.data import (
     split_indices,
     to_float,
 )
-
-
-def _jpeg_dir() -> Path:
-    env = os.environ.get("RIFT_BN_CIFAR10_JPEG")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg"
-
-
-def _dump(path: Path, d: dict) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(d, f, protocol=4)
-
-
-def _signature_images(ids: np.ndarray, marker: int) -> np.ndarray:
-    """N x 3072 uint8 (R plane, G plane, B plane) with a unique id in the first R/G pixels."""
-    rng = np.random.default_rng(int(ids[0]) if len(ids) else 0)
-    data = rng.integers(0, 256, (len(ids), 3072), dtype=np.uint8)
-    data[:, 0] = ids % 256
-    data[:, 1] = ids // 256
-    data[:, 1024] = marker  # first pixel of the G plane
-    return data
-
-
-def _ids(x: torch.Tensor) -> set[int]:
-    return set((x[:, 0, 0, 0].long() + 256 * x[:, 0, 0, 1].long()).tolist())
-
-
-def _write_fake_cifar10(root: Path, n_train: int = 250, n_test: int = 40) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    ids = np.arange(n_train)
-    x, y = _signature_images(ids, marker=0), ids % 10
-    for b, part in enumerate(np.array_split(ids, 5), start=1):
-        _dump(folder / f"data_batch_{b}", {b"data": x[part], b"labels": y[part].tolist()})
-    tid = np.arange(n_test)
-    _dump(folder / "test_batch", {b"data": _signature_images(tid, marker=1), b"labels": (tid % 10).tolist()})
-    return root
+from tests.conftest import cifar_layout, dump_pickle, signature_ids, write_fake_cifar10
 
 
 @pytest.fixture(scope="module")
 def cifar10_jpeg_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = _jpeg_dir()
-    if not (src / "to_cifar_layout.py").is_file():
-        pytest.skip(f"CIFAR-10 JPEG copy not found at {src} (set RIFT_BN_CIFAR10_JPEG)")
-    out = tmp_path_factory.mktemp("cifar10")
-    cmd = [sys.executable, str(src / "to_cifar_layout.py"), str(out), "--train", "300", "--test", "100"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return out
+    return cifar_layout(tmp_path_factory, 300, 100)
 
 
 # --------------------------------------------------------------------------- (a) real CIFAR-10 layout
@@ -104,7 +60,7 @@ def test_datamodule_on_real_layout(cifar10_jpeg_root: Path) -> None:
     assert len(dm.train_x) == 250 and len(dm.val_x) == 50 and dm.num_classes == 10
     x, y = next(iter(dm.train_dataloader()))
     assert x.dtype == torch.uint8 and x.shape == (64, 3, 32, 32) and y.shape == (64,)
-    xf, yf = CIFARDataModule.on_device(x, y, augment=True, generator=torch.Generator().manual_seed(0))
+    xf, yf = augment(to_float(x), torch.Generator().manual_seed(0)), y
     assert xf.dtype == torch.float32 and float(xf.min()) >= 0 and float(xf.max()) <= 1 and yf is y
     assert dm.test_accesses == 0
 
@@ -125,7 +81,7 @@ def test_load_cifar100_own_files(tmp_path: Path) -> None:
         data[1, 5 * 32 + 7] = 201  # R at row 5, col 7
         data[1, 1024 + 31 * 32 + 0] = 202  # G at row 31, col 0
         data[1, 2048 + 0 * 32 + 31] = 203  # B at row 0, col 31
-        _dump(
+        dump_pickle(
             folder / split,
             {
                 b"data": data,
@@ -136,7 +92,9 @@ def test_load_cifar100_own_files(tmp_path: Path) -> None:
             },
         )
         splits[split] = (data, fine)
-    _dump(folder / "meta", {b"fine_label_names": [b"c%d" % i for i in range(100)], b"coarse_label_names": []})
+    dump_pickle(
+        folder / "meta", {b"fine_label_names": [b"c%d" % i for i in range(100)], b"coarse_label_names": []}
+    )
 
     tx, ty, vx, vy = load_cifar("cifar100", tmp_path, download=False)
     assert DATASETS["cifar100"].num_classes == 100
@@ -170,25 +128,29 @@ def test_split_indices() -> None:
 
 
 def test_datamodule_splits_disjoint(tmp_path: Path) -> None:
-    root = _write_fake_cifar10(tmp_path)
+    root = write_fake_cifar10(tmp_path)
     dm = CIFARDataModule(root=root, val_size=50, train_subset=120, test_subset=30, seed=1, download=False)
     dm.setup()
-    train_ids, val_ids = _ids(dm.train_x), _ids(dm.val_x)
+    train_ids, val_ids = signature_ids(dm.train_x), signature_ids(dm.val_x)
     assert len(train_ids) == 120 and len(val_ids) == 50 and not train_ids & val_ids
     assert (dm.train_x[:, 1, 0, 0] == 0).all() and (dm.val_x[:, 1, 0, 0] == 0).all()
     assert dm.train_y.tolist() == [
         i % 10 for i in (dm.train_x[:, 0, 0, 0] + 256 * dm.train_x[:, 0, 0, 1]).tolist()
     ]
     test_x, test_y = dm.test_tensors()
-    assert len(test_x) == 30 and (test_x[:, 1, 0, 0] == 1).all() and sorted(_ids(test_x)) == list(range(30))
+    assert (
+        len(test_x) == 30
+        and (test_x[:, 1, 0, 0] == 1).all()
+        and sorted(signature_ids(test_x)) == list(range(30))
+    )
     # the full training split: val + train cover all 250 training images
     full = CIFARDataModule(root=root, val_size=50, seed=1, download=False)
     full.setup()
-    assert _ids(full.val_x) == val_ids and _ids(full.train_x) | val_ids == set(range(250))
-    assert train_ids <= _ids(full.train_x)
+    assert signature_ids(full.val_x) == val_ids and signature_ids(full.train_x) | val_ids == set(range(250))
+    assert train_ids <= signature_ids(full.train_x)
     other = CIFARDataModule(root=root, val_size=50, seed=2, download=False)
     other.setup()
-    assert _ids(other.val_x) != val_ids
+    assert signature_ids(other.val_x) != val_ids
 
 
 # --------------------------------------------------------------------------- (d) augmentation
@@ -259,7 +221,7 @@ def test_download_is_checksum_verified(tmp_path: Path, monkeypatch: pytest.Monke
 
     from rift_bn.data import cifar
 
-    src = _write_fake_cifar10(tmp_path / "src")
+    src = write_fake_cifar10(tmp_path / "src")
     tarball = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
@@ -374,7 +336,7 @@ def test_global_batch_is_split_among_ranks() -> None:
 
 
 def test_test_access_counter(tmp_path: Path) -> None:
-    dm = CIFARDataModule(root=_write_fake_cifar10(tmp_path), val_size=20, download=False, eval_batch_size=16)
+    dm = CIFARDataModule(root=write_fake_cifar10(tmp_path), val_size=20, download=False, eval_batch_size=16)
     dm.prepare_data()
     dm.setup()
     dm.setup("fit")
@@ -395,7 +357,7 @@ def test_test_access_counter(tmp_path: Path) -> None:
 def test_lightning_fit_with_tensor_loader(tmp_path: Path) -> None:
     import lightning
 
-    dm = CIFARDataModule(root=_write_fake_cifar10(tmp_path), val_size=20, batch_size=32, download=False)
+    dm = CIFARDataModule(root=write_fake_cifar10(tmp_path), val_size=20, batch_size=32, download=False)
     seen: list[list[int]] = []
 
     class Tiny(lightning.LightningModule):
@@ -404,7 +366,8 @@ def test_lightning_fit_with_tensor_loader(tmp_path: Path) -> None:
             self.lin = torch.nn.Linear(3 * 32 * 32, 10)
 
         def on_after_batch_transfer(self, batch, dataloader_idx):  # type: ignore[no-untyped-def]
-            return CIFARDataModule.on_device(*batch, augment=self.training)
+            x, y = batch
+            return (augment(to_float(x)) if self.training else to_float(x)), y
 
         def training_step(self, batch, batch_idx):  # type: ignore[no-untyped-def]
             x, y = batch
@@ -438,7 +401,7 @@ def test_lightning_fit_with_tensor_loader(tmp_path: Path) -> None:
 
 
 def test_train_loader_follows_trainer_epoch(tmp_path: Path) -> None:
-    dm = CIFARDataModule(root=_write_fake_cifar10(tmp_path), val_size=20, batch_size=32, download=False)
+    dm = CIFARDataModule(root=write_fake_cifar10(tmp_path), val_size=20, batch_size=32, download=False)
     dm.setup()
     dm.trainer = SimpleNamespace(current_epoch=5)  # type: ignore[assignment]
     ref = TensorLoader(dm.train_x, dm.train_y, 32, shuffle=True, seed=dm.seed)

@@ -97,3 +97,29 @@ def test_evaluate_restores_train_modes_and_leaves_batchnorm_statistics_alone() -
         assert {n: m.training for n, m in model.named_modules()} == modes
     finally:
         torch.set_num_threads(old)
+
+
+def test_per_image_outcomes_match_torchmetrics_and_give_exact_fractions() -> None:
+    """Per-image correctness counts as torchmetrics' micro accuracy counts (the reference), and the
+    accuracy is the exact fraction of the counts: 31 of 100 is 31.0, not 31.00000023841858."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from rift_bn.evaluate import accuracies, per_image
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
+    x = torch.randint(0, 256, (100, 3, 32, 32), dtype=torch.uint8)
+    y = model(x.float() / 255).argmax(1).detach()
+    y[31:] = (y[31:] + 1) % 10  # exactly 31 right
+    torch.manual_seed(5)
+    correct = per_image(model, x, y, PGD(eps=2 / 255, alpha=1 / 255, steps=2), 10, batch_size=30)
+    assert correct["clean"].dtype == torch.bool and correct["clean"].shape == (100,)
+    assert correct["clean"].tolist() == [True] * 31 + [False] * 69
+    ref = MulticlassAccuracy(10, average="micro")
+    ref.update(model(x.float() / 255), y)
+    assert accuracies(correct)["clean_acc"] == 31.0
+    assert 100 * ref.compute().item() != 31.0  # the float32 noise the exact fraction removes
+    assert round(100 * ref.compute().item(), 4) == 31.0
+    torch.manual_seed(5)  # the same random starts: the same images fooled
+    again = evaluate(model, x, y, PGD(eps=2 / 255, alpha=1 / 255, steps=2), 10, batch_size=30)
+    assert again["robust_acc"] == int(correct["robust"].sum()) * 100 / 100

@@ -10,12 +10,11 @@ import pytest
 import torch
 
 from rift_bn.data import CIFARDataModule, DataError, load_cifar
-from rift_bn.interpolate import interpolate_state
+from rift_bn.interpolate import interpolate_state, interpolation_curve
 from rift_bn.models import build_model
-from rift_bn.pipeline import Run
-from tests.conftest import CLI, load_results, reevaluate
-from tests.test_config import composed
-from tests.test_data import _write_fake_cifar10
+from rift_bn.pipeline.evaluation import Evaluator
+from rift_bn.seeds import SeedStream
+from tests.conftest import CLI, composed, load_results, reevaluate, write_fake_cifar10
 
 
 def _change_one_test_pixel(root: Path) -> None:
@@ -32,7 +31,7 @@ def _dm(root: Path, **kw: object) -> CIFARDataModule:
 
 
 def test_the_fingerprint_sees_one_changed_image(tmp_path: Path) -> None:
-    a, b = _write_fake_cifar10(tmp_path / "a"), _write_fake_cifar10(tmp_path / "b")
+    a, b = write_fake_cifar10(tmp_path / "a"), write_fake_cifar10(tmp_path / "b")
     assert _dm(a).fingerprint == _dm(b).fingerprint and len(_dm(a).fingerprint) == 16  # same images
     _change_one_test_pixel(b)
     assert _dm(a).fingerprint != _dm(b).fingerprint
@@ -41,7 +40,7 @@ def test_the_fingerprint_sees_one_changed_image(tmp_path: Path) -> None:
 
 
 def test_test_half_selects_on_one_half_and_reports_on_the_other(tmp_path: Path) -> None:
-    root = _write_fake_cifar10(tmp_path, n_train=100, n_test=41)
+    root = write_fake_cifar10(tmp_path, n_train=100, n_test=41)
     dm = _dm(root, selection_source="test_half", seed=3)
     x_test, y_test = dm.test_tensors()
     assert len(dm.val_y) == 20 and len(y_test) == dm.test_size == 21
@@ -51,6 +50,7 @@ def test_test_half_selects_on_one_half_and_reports_on_the_other(tmp_path: Path) 
     sel = {bytes(im.numpy().tobytes()) for im in dm.val_x}
     rep = {bytes(im.numpy().tobytes()) for im in x_test}
     assert sel | rep == rows and not sel & rep  # disjoint halves of the test set, nothing lost
+    assert torch.equal(all_x[dm.test_index], x_test)  # outcomes.npz's test_index: the reported images
     other = _dm(root, selection_source="test_half", seed=4)
     assert not torch.equal(other.val_x, dm.val_x)  # seeded
     with pytest.raises(DataError, match="data.test_subset=1: data.selection_source=test_half"):
@@ -59,27 +59,31 @@ def test_test_half_selects_on_one_half_and_reports_on_the_other(tmp_path: Path) 
 
 def test_alpha_one_is_evaluated_like_every_other_alpha(tmp_path: Path) -> None:
     """theta(1) gets the interpolation's seeded evaluation, not the last fine-tuning validation."""
-    root = _write_fake_cifar10(tmp_path / "data")
+    root = write_fake_cifar10(tmp_path / "data")
     cfg = composed("scale=smoke", f"data.root={root}", "data.val_size=40", "interpolation.alphas=[0,0.5,1]")
     dm = _dm(root)
-    run = Run(cfg, tmp_path / "out", torch.device("cpu"), dm, tmp_path / "cache")
+    evaluator = Evaluator.from_config(cfg, dm.num_classes, torch.device("cpu"))
+
+    def on_selection(model: torch.nn.Module) -> dict[str, float]:
+        return evaluator(model, dm.val_x, dm.val_y, SeedStream.SELECTION_EVAL)
+
     torch.manual_seed(0)
     base, tuned = build_model("resnet18", 10, 2).eval(), build_model("resnet18", 10, 2).eval()
-    base_val = run.evaluate(base, dm.val_x, dm.val_y, cfg.seed + 3)
-    curve, _ = run.interpolate(base, tuned, base_val)
+    base_val = on_selection(base)
+    curve = interpolation_curve(base, tuned, cfg.interpolation.alphas, base_val, on_selection)
     assert [p["alpha"] for p in curve] == [0.0, 0.5, 1.0]
-    one = run.evaluate(tuned, dm.val_x, dm.val_y, cfg.seed + 3)
+    one = on_selection(tuned)
     assert curve[-1] == {"alpha": 1.0, **one}
     half = build_model("resnet18", 10, 2).eval()
     half.load_state_dict(interpolate_state(base.state_dict(), tuned.state_dict(), 0.5))
-    assert curve[1] == {"alpha": 0.5, **run.evaluate(half, dm.val_x, dm.val_y, cfg.seed + 3)}
+    assert curve[1] == {"alpha": 0.5, **on_selection(half)}
     assert curve[0] == {"alpha": 0.0, **base_val}
 
 
 @pytest.mark.slow
 def test_another_copy_of_the_data_is_never_handed_the_old_results(tmp_path: Path) -> None:
     """Two data roots that differ in one image, one shared cache: the second run reuses nothing."""
-    a, b = _write_fake_cifar10(tmp_path / "a"), _write_fake_cifar10(tmp_path / "b")
+    a, b = write_fake_cifar10(tmp_path / "a"), write_fake_cifar10(tmp_path / "b")
     _change_one_test_pixel(b)
     cli = CLI(tmp_path, a)
     first = load_results(cli("+experiment=at", "data.val_size=40"))[0]

@@ -21,7 +21,8 @@ from rift_bn.loggers import (
     summary_scalars,
 )
 from rift_bn.modules import RobustClassifier, quiet_trainer
-from tests.test_config import composed
+from rift_bn.results import Results
+from tests.conftest import composed
 
 EPOCHS = 3
 
@@ -54,8 +55,11 @@ def _fit(logger: Any) -> RobustClassifier:
     return module
 
 
-RESULTS: dict[str, Any] = {
+RECORD: dict[str, Any] = {  # a version-1 results.json, as far as the loggers read it
     "stage": "finetune",
+    "dataset": "cifar10",
+    "model": "resnet18",
+    "seed": 0,
     "method": "rift_bn",
     "k": 2,
     "alpha": 0.7,
@@ -66,6 +70,7 @@ RESULTS: dict[str, Any] = {
     "delta": {"clean_acc": 2.5, "robust_acc": 0.5},
     "timings": {"mrc": 12.0, "finetune": 30.25, "test_eval": 4.5},
 }
+RESULTS = Results.from_dict(RECORD)
 
 
 def test_train_and_val_rows_of_an_epoch_carry_the_same_1_based_epoch(tmp_path: Path) -> None:
@@ -116,9 +121,9 @@ def test_csv_summary_row_after_training(tmp_path: Path) -> None:
 
 def test_csv_summary_without_training_leaves_unused_values_out(tmp_path: Path) -> None:
     """Stage ``at`` with a cached base model: a fresh logger; alpha and k are None there."""
-    at = RESULTS | {"stage": "at", "method": None, "k": None, "alpha": None, "selected": [], "delta": {}}
+    at = RECORD | {"stage": "at", "method": None, "k": None, "alpha": None, "selected": [], "delta": {}}
     logger = SummaryCSVLogger(save_dir=str(tmp_path), name="csv-at")
-    log_summary(logger, at)
+    log_summary(logger, Results.from_dict(at))
     logger.finalize("success")
     (row,) = _rows(Path(logger.log_dir) / "metrics.csv")
     assert float(row["test/robust_acc"]) == 40.5 and float(row["base/clean_acc"]) == 80.0

@@ -1,6 +1,6 @@
 """Bounded exact MRC (``mrc.exact_lowest``): the n lowest modules exactly, every other one a proven bound.
 
-On the bench's random ResNet-18 (width 4, 32 random images; the ``critical`` setting of test_rift.py) with
+On the bench's random ResNet-18 (width 4, 32 random images; the ``critical`` fixture of conftest.py) with
 a shuffled protocol whose epochs cross pass boundaries, so a resumed ascent must find the batch stream
 where it stopped. Everything is compared bit for bit (CPU) with ``compute_mrc``'s full table.
 """
@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import Tensor, nn
 
 from rift_bn.mrc import (
@@ -28,11 +26,13 @@ from rift_bn.mrc import (
     lowest_proven,
     select_lowest,
 )
-from rift_bn.pipeline import Run
+from rift_bn.pipeline import mrc_table as stage
+from rift_bn.pipeline.keys import CacheKeys
+from rift_bn.pipeline.training import Timings
+from tests.conftest import composed
 
 # 4 epochs of 5 steps over 32 examples in batches of 12 (3 a pass): epochs start inside a pass
 PROTO = MRCProtocol(epochs=4, batch_size=12, eval_batch_size=24, steps_per_epoch=5, shuffle=True, seed=1)
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +162,8 @@ def test_select_lowest_never_picks_a_lower_bound() -> None:
     assert lowest_proven(rows, 2) and not lowest_proven(rows, 3) and not lowest_proven(rows, None)
 
 
-def _run(cache: Path, *overrides: str) -> Run:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["scale=cpu", *overrides])
-    return Run(cfg, Path("out"), torch.device("cpu"), SimpleNamespace(fingerprint="f" * 16), cache)
+def _run(cache: Path, *overrides: str) -> CacheKeys:
+    return CacheKeys(composed("scale=cpu", *overrides), "f" * 16, cache)
 
 
 def test_the_pipeline_cache_continues_a_partial_table(
@@ -174,23 +172,24 @@ def test_the_pipeline_cache_continues_a_partial_table(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Run.mrc_table: a table for n=2 is extended by a job with k=5, by the other candidate set, then
+    """stage.mrc_table: a table for n=2 is extended by a job with k=5, by the other candidate set, then
     completed by exact_lowest=null; each step runs only the epochs the earlier ones had not."""
     model, x, y = critical
-    model = copy.deepcopy(model)
+    model, xy = copy.deepcopy(model), (x, y)  # the adversarial set: the fixture's examples
     epochs: list[str] = []
-    monkeypatch.setattr(Run, "adversarial_set", lambda self, model, ckpt: (x, y))
-    monkeypatch.setattr(Run, "mrc_protocol", lambda self: PROTO)  # the fixtures' protocol
-    monkeypatch.setattr(Run, "progress", staticmethod(lambda name, done, total: epochs.append(name)))
+    monkeypatch.setattr(stage, "progress", lambda name, done, total: epochs.append(name))
     h = "0123456789abcdef" * 4
 
     def table(*overrides: str, kinds: str = "rift_bn", cache: Path = tmp_path) -> tuple[list[dict], str, int]:
         epochs.clear()
-        rows, source = _run(cache, *overrides).mrc_table(model, h, KINDS[kinds])
+        keys = _run(cache, *overrides)
+        m, where = keys.cfg.mrc, keys.mrc_path(h)
+        lowest = stage.exact_lowest(m, keys.cfg.k)  # PROTO: the fixtures' protocol
+        rows, source = stage.mrc_table(model, KINDS[kinds], m, PROTO, lowest, where, lambda: xy, Timings())
         return rows, source, len(epochs)  # progress: once per epoch (bounded), per module (compute_mrc)
 
     path = _run(tmp_path).mrc_path(h)
-    state = Run.mrc_state_path(path)
+    state = stage.state_path(path)
     assert _run(tmp_path, "mrc.exact_lowest=2").mrc_path(h) == path  # one table, however many are exact
     two, source, ran2 = table("mrc.exact_lowest=2")
     assert source == "computed" and state.exists() and path.exists()
@@ -211,7 +210,7 @@ def test_the_pipeline_cache_continues_a_partial_table(
     # a lost state file costs time, never correctness: those modules start again
     other = tmp_path / "other"
     table("mrc.exact_lowest=2", cache=other)
-    Run.mrc_state_path(_run(other).mrc_path(h)).unlink()
+    stage.state_path(_run(other).mrc_path(h)).unlink()
     again, source, _ = table("mrc.exact_lowest=4", cache=other)
     assert source == "computed" and again == bounded_mrc(model, x, y, KINDS["rift_bn"], PROTO, 4)["rows"]
 
@@ -255,13 +254,19 @@ def test_the_report_takes_each_modules_most_complete_row() -> None:
     bound = {"name": "conv1", "type": "conv", "mrc": 2.0, "robust_acc_drop": 1.0, "status": LOWER_BOUND}
     exact = {"name": "bn1", "type": "bn", "mrc": 0.1, "robust_acc_drop": 0.5, "status": EXACT}
 
-    def run(k: int, rows: list[dict]) -> dict:
-        return {"method": "rift_bn", "k": k, "seed": 0, "mrc": rows, "selected": [{"name": "bn1"}]} | {
+    from rift_bn.report.collect import Run
+    from rift_bn.results import Results
+
+    acc = {"clean_acc": 50.0, "robust_acc": 25.0, "checkpoint": "base.pt"}
+
+    def run(k: int, rows: list[dict]) -> Run:
+        record = {"method": "rift_bn", "k": k, "seed": 0, "mrc": rows, "selected": [{"name": "bn1"}]} | {
             "stage": "finetune",
             "dataset": "cifar10",
             "model": "resnet18",
             "config": {"k": k},
         }
+        return Run(Results.from_dict(record | {"base": acc, "final": acc}), Path(f"k{k}/results.json"))
 
     later = [dict(bound, mrc=2.5, status=EXACT), exact]
     fig = figure_mrc([run(2, [dict(bound, epochs_run=1), exact]), run(1, later)], "rift_bn")

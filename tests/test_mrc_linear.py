@@ -1,11 +1,11 @@
-"""First-order MRC estimator: analytic value, candidate table, cache separation, agreement with exact MRC."""
+"""First-order MRC estimator: analytic value, candidate table, cache separation, agreement with exact MRC
+(the harness ``benchmarks.mrc_agreement``)."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 
+from benchmarks.mrc_agreement import agreement, compare, main
+from rift_bn.errors import UserError
 from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.mrc import KINDS, MRCProtocol, compute_mrc
-from rift_bn.mrc_linear import agreement, compare, linear_mrc, main
+from rift_bn.mrc_linear import linear_mrc
+from tests.conftest import StagedConvBN, TinyConvBN
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -40,26 +43,6 @@ class TinyLinear(nn.Module):
 
     def stages(self) -> list[nn.Module]:
         return [self.flatten, self.fc]
-
-
-class TinyConvBN(nn.Module):
-    """conv-bn-relu-linear without ``stages()`` (the estimator then treats the model as one stage)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-class StagedConvBN(TinyConvBN):
-    """TinyConvBN with ``stages()`` (exact MRC needs them)."""
-
-    def stages(self) -> list[nn.Module]:
-        return [nn.Sequential(self.conv, self.bn, nn.ReLU(), nn.Flatten()), self.fc]
 
 
 def _tiny_linear(seed: int = 0) -> tuple[NormalizedModel, torch.Tensor, torch.Tensor]:
@@ -205,8 +188,11 @@ def test_ranking_correlates_with_exact(tiny_resnet: dict) -> None:
     assert [k["k"] for k in both["topk"]] == [1, 2, 3, 4, 5]
 
 
-def _run(tmp_path: Path, estimator: str, linear_step: bool = True):
-    from rift_bn.pipeline import Run
+def _table(tmp_path: Path, estimator: str, x: torch.Tensor, y: torch.Tensor, linear_step: bool = True):
+    """The pipeline's MRC table stage for ``estimator`` on the adversarial set ``(x, y)`` of base "ab"*32."""
+    from rift_bn.pipeline.keys import CacheKeys
+    from rift_bn.pipeline.mrc_table import mrc_table, protocol
+    from rift_bn.pipeline.training import Timings
 
     cfg = OmegaConf.create(
         {
@@ -227,21 +213,20 @@ def _run(tmp_path: Path, estimator: str, linear_step: bool = True):
             },
         }
     )
-    data = SimpleNamespace(fingerprint="f" * 16)
-    return Run(
-        cfg=cfg, output_dir=tmp_path, device=torch.device("cpu"), dm=data, cache_dir=tmp_path / "cache"
+    model = _tiny_linear()[0].float()
+    path = CacheKeys(cfg, "f" * 16, tmp_path / "cache").mrc_path("ab" * 32)
+    m = cfg.mrc
+    return mrc_table(
+        model, ("conv", "linear"), m, protocol(m, cfg.seed), None, path, lambda: (x, y), Timings()
     )
 
 
 def test_pipeline_cache_keeps_estimators_apart(tmp_path: Path) -> None:
-    model, x, y = _tiny_linear()
-    model = model.float()
+    _, x, y = _tiny_linear()
     x = x.float()
     tables = {}
     for estimator in ("exact", "linear", "linear"):
-        run = _run(tmp_path, estimator)
-        run.adversarial_set = lambda m, h, x=x, y=y: (x, y)
-        rows, source = run.mrc_table(model, "ab" * 32, ("conv", "linear"))
+        rows, source = _table(tmp_path, estimator, x, y)
         tables.setdefault(estimator, []).append((rows, source))
     files = sorted(p.name for p in (tmp_path / "cache" / "mrc").glob("*.json"))
     assert len(files) == 2 and "-exact-" in files[0] and "-linear-" in files[1]
@@ -253,9 +238,7 @@ def test_pipeline_cache_keeps_estimators_apart(tmp_path: Path) -> None:
     assert all(math.isfinite(r["robust_acc_drop"]) for r in lin_rows)
 
     # mrc.linear_step=false: the same estimate without the measured step, in a table of its own
-    run = _run(tmp_path, "linear", linear_step=False)
-    run.adversarial_set = lambda m, h: (x, y)
-    bound_rows, bound_source = run.mrc_table(model, "ab" * 32, ("conv", "linear"))
+    bound_rows, bound_source = _table(tmp_path, "linear", x, y, linear_step=False)
     assert bound_source == "computed" and len(list((tmp_path / "cache" / "mrc").glob("*.json"))) == 3
     assert [r["mrc"] for r in bound_rows] == [r["mrc"] for r in lin_rows]
     assert all(r["robust_acc_drop"] is None and r["step_loss_increase"] is None for r in bound_rows)
@@ -303,7 +286,7 @@ def test_compare_on_disjoint_example_sets_and_agree(tmp_path: Path, capsys: pyte
     assert lines[0] == "rift_bn (3 candidates, 2 example sets): spearman / kendall"
     assert lines[1].startswith("  exact ") and lines[1].endswith(": 1.000 / 1.000")
     assert lines[2].startswith("  linear ") and lines[2].endswith(": 1.000 / 1.000")
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(UserError, match="do not fit"):
         compare(None, "", model=model, data=(x, y), first=10, num_examples=6, kinds="rift")
 
 

@@ -25,6 +25,7 @@ def test_adversarial_training_smoke(cli) -> None:
         r["stage"] == "at" and r["dataset"] == "cifar10" and r["model"] == "resnet18" and r["method"] is None
     )
     assert r["base"] == r["final"] and r["delta"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    assert r["schema_version"] == 2 and (r["experiment"]["name"], r["experiment"]["stage"]) == ("at", "at")
     for key in ("clean_acc", "robust_acc"):
         assert 0.0 <= r["final"][key] <= 100.0
     assert r["test_split_reads_before_report"] == 0
@@ -54,6 +55,8 @@ def test_topk_multirun(cli) -> None:
         ("rift_bn", 2),
     ]
     assert len({json.dumps(r["base"]) for r in runs}) == 1  # one base model, evaluated once, shared
+    assert {r["experiment"]["name"] for r in runs} == {"topk"}
+    assert len({r["experiment"]["group"] for r in runs}) == 1  # one experiment (one table), four rows
     tables = {}
     for r in runs:
         assert r["stage"] == "finetune" and r["dataset"] == "cifar10"

@@ -1,71 +1,110 @@
-"""Bad input, interruption, untrusted checkpoints, numerical faults, determinism (real entry point)."""
+"""Bad input, interruption, untrusted checkpoints, numerical faults, determinism.
+
+Refusals are checked in process: precheck's line for a mistake on the command line, run_job's UserError
+for one found by the job. ``python -m rift_bn.run`` prints either as one ``error: ...`` line and exits
+with 2, leaving no output folder: test_validation.py and test_console.py run each of the two paths once.
+Interruption and run-to-run determinism go through the real entry point (slow).
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
+from rift_bn.errors import UserError
 from rift_bn.models import build_model
 from rift_bn.models.checkpoint import save_state_dict
 from rift_bn.mrc import MRCProtocol, compute_mrc
-from tests.conftest import TINY, load_results
-
-pytestmark = pytest.mark.slow
-
-
-def assert_refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Exit 2, one line on stderr naming the setting, no traceback, nothing written."""
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: "), proc.stderr[-2000:]
-    for needle in needles:
-        assert needle in line, line
-    assert "Traceback" not in proc.stdout + proc.stderr
-    assert not list(proc.out_dir.parent.rglob("results.json"))
-    return line
+from rift_bn.pipeline import run_job
+from tests.conftest import CLI, TINY, load_results, refused, write_fake_cifar10
 
 
 @pytest.mark.parametrize(
-    ("overrides", "needles"),
+    ("argv", "needles"),
     [
         (["data=imagenet"], ["data=imagenet", "cifar10, cifar100"]),
         (["model=vgg"], ["model=vgg", "resnet18"]),
         (["method=lora"], ["method=lora", "rift_bn"]),
         (["k=0"], ["k=0"]),
-        (["method=rift", "k=22"], ["k=22", "21"]),
         (["attack.eps=16"], ["attack.eps=16", "[0, 1]"]),
         (["attack.alpha=0"], ["attack.alpha=0"]),
         (["finetune.epochs=-2"], ["finetune.epochs=-2"]),
         (["at.epochs=0"], ["at.epochs=0"]),
         (["mrc.lr=inf"], ["mrc.lr=inf"]),
-        (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "spelling"]),
+        (["finetune.lrr=0.1"], ["finetune.lrr=0.1", "did you mean finetune.lr?"]),
         (["finetune.bn_stats=some"], ["finetune.bn_stats=some", "selected"]),
         (["mrc.estimator=taylor"], ["mrc.estimator=taylor", "linear"]),
         (["mrc.linear_step=maybe"], ["mrc.linear_step=maybe", "true or false"]),
         (["trainer.deterministic=always"], ["trainer.deterministic=always", "warn"]),
         (["base.checkpoint=/no/such/file.pt"], ["base.checkpoint=/no/such/file.pt", "not found"]),
-        (["+experiment=topk", "k=1,2", "method=foo"], ["method=foo"]),
+        (["+experiment=topk", "k=1,2", "method=foo", "-m"], ["method=foo"]),
     ],
 )
-def test_bad_settings_are_refused_before_any_work(cli, overrides, needles) -> None:
-    multirun = any("," in o for o in overrides)
-    assert_refused(cli(*overrides, check=False, multirun=multirun), *needles)
-    assert not cli.cache.exists()
+def test_bad_settings_are_refused_before_any_work(argv: list[str], needles: list[str]) -> None:
+    line = refused(*TINY, *argv)
+    for needle in needles:
+        assert needle in line, line
 
 
-def test_missing_data_root_offline(cli, tmp_path) -> None:
-    line = assert_refused(
-        cli(f"data.root={tmp_path / 'nowhere'}", "data.download=false", check=False), "data.root="
-    )
-    assert "cifar-10-batches-py" in line
+# A job on a fake CIFAR-10 of 120 training images, small enough to train in seconds where it must.
+JOB = (
+    "scale=smoke", "model.width=8", "data.val_size=20", "data.train_subset=100", "data.test_subset=40",
+    "at.epochs=1", "at.milestones=[1]", "at.batch_size=50", "at.attack.steps=1", "attack.steps=1",
+    "finetune.epochs=1", "finetune.milestones=[1]", "finetune.batch_size=50", "mrc.epochs=1",
+    "mrc.batch_size=10", "eval.batch_size=20", "logger=none",
+)  # fmt: skip
+
+
+@pytest.fixture()
+def job(tmp_path: Path, hydra_job: Callable[..., DictConfig]) -> Callable[..., DictConfig]:
+    """Composes a JOB config with ``overrides`` (data and cache in ``tmp_path``), Hydra's job context set."""
+    root = write_fake_cifar10(tmp_path / "data", n_train=120, n_test=40)
+    return functools.partial(hydra_job, *JOB, f"data.root={root}", f"cache_dir={tmp_path / 'cache'}")
+
+
+def job_refused(cfg: DictConfig, *needles: str) -> str:
+    """run_job's UserError for ``cfg``: one line naming each of ``needles``, no results written."""
+    with pytest.raises(UserError) as info:
+        run_job(cfg)
+    line = str(info.value)
+    assert line and "\n" not in line, line
+    for needle in needles:
+        assert needle in line, line
+    for folder in (Path(HydraConfig.get().runtime.output_dir), Path(cfg.cache_dir)):
+        assert not list(folder.rglob("results.json")), folder
+    return line
+
+
+def test_settings_the_job_refuses_at_its_start(job, tmp_path: Path) -> None:
+    """Refused once the data is read, before any work: nothing is cached."""
+    nowhere, data = tmp_path / "nowhere", tmp_path / "data"
+    for overrides, needles in (
+        (["method=rift", "k=22"], ["k=22", "21"]),
+        (["k=100"], ["k=100", "41"]),
+        ([f"data.root={nowhere}", "data.download=false"], [f"data.root={nowhere}", "cifar-10-batches-py"]),
+        (["data=cifar100", "data.download=false"], [f"data.root={data}", "cifar-100-python"]),
+    ):
+        cfg = job(*overrides)
+        job_refused(cfg, *needles)
+        assert not Path(cfg.cache_dir).exists(), overrides
+
+
+def test_no_gpu_is_refused(job) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    job_refused(job("trainer=gpu"), "trainer.accelerator=gpu", "no CUDA GPU")
 
 
 class Payload:
@@ -76,28 +115,30 @@ class Payload:
         return (open, (str(self.marker), "w"))
 
 
-def test_untrusted_and_mismatched_checkpoints(cli, tmp_path) -> None:
+def test_untrusted_and_mismatched_checkpoints(job, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}, "x": Payload(marker)}, evil)
-    line = assert_refused(cli("+experiment=at", f"base.checkpoint={evil}", check=False), "refused")
+    line = job_refused(job("+experiment=at", f"base.checkpoint={evil}"), "refused")
     assert not marker.exists()
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(1000))
-    assert_refused(cli("+experiment=at", f"base.checkpoint={garbage}", check=False), str(garbage))
+    job_refused(job("+experiment=at", f"base.checkpoint={garbage}"), str(garbage))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("some notes\n1. first\n")
+    job_refused(job("+experiment=at", f"base.checkpoint={notes}"), f"base.checkpoint={notes}")
     wide = tmp_path / "wide.pt"
-    save_state_dict(build_model("resnet18", 10, 16), wide)  # TINY uses width 8
-    assert_refused(cli("+experiment=at", f"base.checkpoint={wide}", check=False), "model.width")
+    save_state_dict(build_model("resnet18", 10, 16), wide)  # JOB uses width 8
+    job_refused(job("+experiment=at", f"base.checkpoint={wide}"), "model.width")
     classes = tmp_path / "c100.pt"
     save_state_dict(build_model("resnet18", 100, 8), classes)
-    assert_refused(cli("+experiment=at", f"base.checkpoint={classes}", check=False), "linear")
-    assert "refused" in line and not (cli.cache / "base").exists()
+    job_refused(job("+experiment=at", f"base.checkpoint={classes}"), "linear")
+    assert "refused" in line and not (tmp_path / "cache" / "base").exists()
 
 
-def test_nan_stops_the_run_naming_stage_and_module(cli) -> None:
-    line = assert_refused(cli("method=full", "finetune.lr=1e30", check=False), "fine-tuning", "finetune.lr")
+def test_nan_stops_the_run_naming_stage_and_module(job) -> None:
+    line = job_refused(job("method=full", "finetune.lr=1e30"), "fine-tuning", "finetune.lr")
     assert "nan" in line or "inf" in line
-    assert not (cli.cache / "runs").exists() or not list((cli.cache / "runs").rglob("results.json"))
 
 
 def test_nan_in_mrc_names_the_module() -> None:
@@ -150,11 +191,10 @@ def _interrupted(cli, args: tuple[str, ...], name: str, path_glob: str) -> None:
     _kill_when(cmd, cli.env, cli.tmp, path_glob, cli.cache)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path, cifar_root) -> None:
     """A run killed with SIGKILL and started again gives exactly the numbers of a run never interrupted:
     every random stream (augmentation, attack starts, data order) goes on where it stood."""
-    from tests.conftest import CLI
-
     (tmp_path / "whole").mkdir()
     whole = CLI(tmp_path / "whole", cifar_root)  # the uninterrupted runs, in a cache of their own
     ref_at, ref_ft = load_results(whole(*AT))[0], load_results(whole(*FT))[0]
@@ -208,9 +248,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path, cifar_roo
     assert "complete already" in cli(*FT).stdout
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:
-    from tests.conftest import CLI
-
     runs = []
     for name in ("a", "b"):  # cold caches: base training, MRC, fine-tuning all recomputed
         (tmp_path / name).mkdir()
@@ -224,7 +263,7 @@ def test_same_seed_same_numbers(tmp_path, cifar_root) -> None:
 
 def test_deterministic_mode_covers_the_whole_job(monkeypatch: pytest.MonkeyPatch) -> None:
     """trainer.deterministic is set for the process (MRC and evaluation run outside the Trainer)."""
-    from rift_bn.pipeline import deterministic_mode
+    from rift_bn.pipeline.training import deterministic_mode
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     benchmark = torch.backends.cudnn.benchmark

@@ -1,14 +1,18 @@
-"""rift_bn.report: Table 1 numbers (mean, sample std, n, deltas), figures, CLI, W&B upload, notebook;
-experiments kept apart, duplicate jobs counted once, failed jobs listed."""
+"""rift_bn.report: Table 1 numbers (mean, sample std, n, deltas, pooled paired statistics, alpha*, test
+images), the paired RiFT-with-BN-vs-RiFT table, figures (Figure 3 from the runs' saved BN outputs, never an
+attack), CLI, W&B upload, notebook; experiments kept apart, duplicate jobs counted once, failed jobs listed,
+old results.json files loaded (or refused in one line)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -17,13 +21,24 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 
+from rift_bn.models import build_model, candidate_modules
+from rift_bn.report.bn_outputs import (
+    BN_OUTPUTS,
+    MODELS,
+    VALUES,
+    BNOutputs,
+    layer_values,
+    save_bn_outputs,
+)
 from rift_bn.report.build import figure_mrc, make_report, report_figures
 from rift_bn.report.collect import (
     MISSING_REASON,
+    Run,
     experiments,
     load,
     load_runs,
@@ -31,6 +46,16 @@ from rift_bn.report.collect import (
 )
 from rift_bn.report.figures import plot_interpolation, plot_layer_types, plot_mrc
 from rift_bn.report.table import final_model_text, fmt, layer_types_table, table1, to_markdown
+from rift_bn.results import (
+    OUTCOMES,
+    Experiment,
+    Results,
+    experiment_key,
+    outcome_stats,
+    read_outcomes,
+    write_outcomes,
+)
+from rift_bn.stats import TESTS_NOTE, paired_ci, percent
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -78,7 +103,8 @@ def make_result(
     logger: str = "csv",
     run_dir: Path | None = None,
 ) -> dict:
-    """A results.json with the documented schema and the known numbers above."""
+    """A results.json as version 1 wrote it (no ``schema_version``, no ``experiment``: the report computes
+    the experiment when it loads), with the documented keys and the known numbers above."""
     b_clean, b_rob = BASE[seed]
     d_clean, d_rob = DELTAS[(method, k)][seed] if method else (0.0, 0.0)
     rows = _mrc_rows(method) if method in ("rift", "rift_bn") else []
@@ -113,6 +139,7 @@ def make_result(
         "interpolation": curve if method else [],
         "history": history if method else [],
         "timings": {"mrc": 1.0},
+        "test_size": 100,
         "config": {
             "data": {
                 "name": "cifar10",
@@ -207,21 +234,10 @@ def made(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, list[str]]:
     return make_report([sweep], kde=True, wandb=False, log=logs.append), logs
 
 
-def _write_checkpoints(sweep: Path) -> None:
-    """Tiny random ResNet-18 (width 8) checkpoints wherever the sweep's results point (base, final and the
-    fine-tuned model when ``finetuned_checkpoint`` is set), each different from the others."""
-    import torch
-
-    from rift_bn.models import build_model
-    from rift_bn.models.checkpoint import save_state_dict
-
-    for i, f in enumerate(sorted(sweep.rglob("results.json"))):
-        r = json.loads(f.read_text())
-        paths = [r["base"]["checkpoint"], r["final"]["checkpoint"], r.get("finetuned_checkpoint")]
-        for j, path in enumerate(paths):
-            if path and not Path(path).exists():
-                torch.manual_seed(100 + 3 * i + j)
-                save_state_dict(build_model("resnet18", 10, 8), Path(path))
+def _with(r: Run, **changes: Any) -> Run:
+    """The run with record fields changed (``path`` and ``choices`` change the run itself)."""
+    own = {k: changes.pop(k) for k in ("path", "choices") if k in changes}
+    return dataclasses.replace(r, results=dataclasses.replace(r.results, **changes), **own)
 
 
 def _row(df: pd.DataFrame, method: str, k: int | None = None) -> pd.Series:
@@ -260,7 +276,9 @@ def test_table1_mean_std_n_and_deltas(sweep: Path) -> None:
     assert rift1["delta_clean_std"] == pytest.approx(math.sqrt(7.0))
     assert rift1["delta_robust_mean"] == pytest.approx(0.0)
     assert rift1["delta_robust_std"] == pytest.approx(0.5)
-    assert rift1["alpha_mean"] == pytest.approx(0.5)
+    assert rift1["alpha_mean"] == pytest.approx(0.5) and rift1["alphas"] == "0.5"
+    assert rift1["test_images"] == 100
+    assert math.isnan(rift1["paired_clean_delta"])  # version-1 files: no per-image outcomes
 
     bn1 = _row(t, "rift_bn", 1)
     assert bn1["delta_clean_mean"] == pytest.approx(2.0) and bn1["delta_clean_std"] == pytest.approx(0.0)
@@ -306,13 +324,17 @@ def test_markdown_and_csv_files(made: tuple) -> None:
     runs_csv = pd.read_csv(report.out / "runs.csv")
     assert len(runs_csv) == 3 + 11  # 3 bases + 11 fine-tuned runs
 
+    assert {"alphas", "test_images", "paired_clean_delta", "paired_robust_p_value"} <= set(csv.columns)
+
     md = (report.out / "table1.md").read_text()
-    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md
-    assert "|  | Δ RiFT | +3.00 ± 2.65 | +0.00 ± 0.50 |  |" in md
-    assert "|  | Δ RiFT with BN | +2.00 ± 0.00 | +1.00 ± 0.00 |  |" in md
-    assert "| Top 2 | RiFT | 80.50 | 49.75 | 1 |" in md  # n = 1: no std
-    assert "|  | Base (AT) | 80.00 ± 1.00 | 50.00 ± 1.00 | 3 |" in md
-    assert "| Full | 84.00 | 44.00 | 1 |" in md and "| Δ Full | +4.00 | -6.00 |  |" in md
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | n/a | n/a | 0.5 | 3 | 100 |" in md
+    assert "|  | Δ RiFT | +3.00 ± 2.65 | +0.00 ± 0.50 |  |  |  |  |  |" in md
+    assert "|  | Δ RiFT with BN | +2.00 ± 0.00 | +1.00 ± 0.00 |  |  |  |  |  |" in md
+    assert "| Top 2 | RiFT | 80.50 | 49.75 | n/a | n/a | 0.5 | 1 | 100 |" in md  # n = 1: no std
+    assert "|  | Base (AT) | 80.00 ± 1.00 | 50.00 ± 1.00 |  |  |  | 3 | 100 |" in md
+    assert "| Full | 84.00 | 44.00 | n/a | n/a | 0.8 | 1 | 100 |" in md
+    assert "| Δ Full | +4.00 | -6.00 |  |  |  |  |  |" in md
+    assert "| α* | n | Test images |" in md and TESTS_NOTE in md
     assert md.index("Top 1") < md.index("Top 2") < md.index("layer type")
     assert "## Fine-tuning by layer type (Figures 1-2): final model after interpolation (alpha* chosen" in md
     assert "| Top 1 | RiFT | 83.00 ± 2.00 |" in md and "## Notes" in md and "duplicate" not in md
@@ -368,9 +390,9 @@ def test_duplicate_job_keeps_newest_and_says_so(sweep: Path, tmp_path: Path) -> 
 
 def test_a_seed_pooled_twice_is_refused(sweep: Path) -> None:
     runs = load_runs([sweep], log=lambda _: None)
-    twice = next(r for r in runs if r["method"] == "rift" and r["k"] == 2)
+    twice = next(r for r in runs if r.method == "rift" and r.k == 2)
     with pytest.raises(ValueError, match="one run per seed"):
-        table1([*runs, dict(twice)])
+        table1([*runs, twice])
 
 
 # ------------------------------------------------------------------------------------------ experiments
@@ -405,15 +427,17 @@ def test_experiments_are_reported_separately(two_scales: Path) -> None:
     md = to_markdown(t, lt, runs)
     tag = {e.label: e.tag for e in exps}
     assert f"### CIFAR-10, resnet18 (width 8) · scale=cpu (`{tag['scale=cpu']}`)" in md
-    assert "| Top 1 | RiFT | 93.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md
-    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md
+    assert "| Top 1 | RiFT | 93.00 ± 2.00 | 50.00 ± 0.87 | n/a | n/a | 0.5 | 3 | 100 |" in md
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | n/a | n/a | 0.5 | 3 | 100 |" in md
     assert "88.00" not in md  # the pooled RiFT k=1 mean of both scales
     assert f"- `{tag['scale=smoke']}` (scale=smoke): 12 run(s), seeds 0, 1, 2; from " in md
 
-    for r in runs:  # without Hydra's choices the label names the differing config key
-        r["_choices"] = {}
+    runs = [_with(r, choices={}) for r in runs]  # without Hydra's choices the label names the config key
     assert sorted(e.label for e in experiments(runs)) == ["data.train_subset=4000", "data.train_subset=5000"]
-    wide = [dict(r, width=16) if "/cpu/" in r["_path"] else r for r in runs]  # different setting
+    wide = [  # a different setting
+        _with(r, experiment=dataclasses.replace(r.experiment, width=16)) if "/cpu/" in str(r.path) else r
+        for r in runs
+    ]
     assert sorted((e.tag, e.label) for e in experiments(wide)) == [
         ("cifar10_resnet18_w16", ""),
         ("cifar10_resnet18_w8", ""),
@@ -425,9 +449,9 @@ def test_figures_per_experiment_and_mixing_refused(two_scales: Path) -> None:
 
     runs = load_runs([two_scales], log=lambda _: None)
     with pytest.raises(ValueError, match=r"2 different experiments \(they differ in scale\)"):
-        plot_interpolation([r for r in runs if r["method"] in ("rift", "rift_bn")])
+        plot_interpolation([r for r in runs if r.method in ("rift", "rift_bn")])
     with pytest.raises(ValueError, match="different experiments"):
-        plot_layer_types([r for r in runs if r["method"] == "full"])
+        plot_layer_types([r for r in runs if r.method == "full"])
     with pytest.raises(ValueError, match="different experiments"):
         figure_mrc(runs, "rift")
     plan, why = plan_kde(runs)
@@ -447,7 +471,7 @@ def test_figures_per_experiment_and_mixing_refused(two_scales: Path) -> None:
     some = [
         r
         for r in runs
-        if not ("/cpu/" in r["_path"] and r["method"] in ("bn_only", "conv_linear_only", "full"))
+        if not ("/cpu/" in str(r.path) and r.method in ("bn_only", "conv_linear_only", "full"))
     ]
     figures, _ = report_figures(some, kde=False, log=lambda _: None)
     assert "fig_layer_types_cifar10" in figures and f"fig_interpolation_{cpu}" in figures
@@ -458,18 +482,18 @@ def test_estimators_get_their_own_rows_and_lines(sweep: Path) -> None:
     runs = load_runs([sweep], log=lambda _: None)
     linear = []
     for r in runs:
-        if r["method"] == "rift" and r["k"] == 1:
-            rows = [dict(row, estimator="linear") for row in r["mrc"]]
-            cfg = {**r["config"], "mrc": {"estimator": "linear"}}
-            final = dict(r["final"], clean_acc=r["final"]["clean_acc"] - 10)
-            linear.append(dict(r, mrc=rows, config=cfg, final=final, _path=r["_path"] + ".linear"))
+        if r.method == "rift" and r.k == 1:
+            rows = [dict(row, estimator="linear") for row in r.results.mrc]
+            cfg = {**r.results.config, "mrc": {"estimator": "linear"}}
+            final = dict(r.results.final, clean_acc=r.results.final["clean_acc"] - 10)
+            linear.append(_with(r, mrc=rows, config=cfg, final=final, path=Path(f"{r.path}.linear")))
     assert len(experiments(runs + linear)) == 1
     t = table1(runs + linear)
     k1 = t[(t["method"] == "rift") & (t["k"] == 1)].set_index("estimator")
     assert k1.loc["exact", "clean_acc_mean"] == pytest.approx(83.0) and k1.loc["exact", "n"] == 3
     assert k1.loc["linear", "clean_acc_mean"] == pytest.approx(73.0) and k1.loc["linear", "n"] == 3
     assert "| RiFT (linear MRC) | 73.00 ± 2.00 |" in to_markdown(t, None, runs + linear)
-    fig = plot_interpolation([r for r in runs + linear if r["method"] in ("rift", "rift_bn")])
+    fig = plot_interpolation([r for r in runs + linear if r.method in ("rift", "rift_bn")])
     assert all(len(ax.lines) == 5 for ax in fig.get_axes())  # (rift, rift_bn) x (k=1, k=2) + linear rift k=1
     assert {"RiFT, k=1 (n=3)", "RiFT, k=1 (linear MRC) (n=3)"} <= set(_legend_texts(fig))
 
@@ -491,13 +515,13 @@ def test_failed_jobs_are_listed(sweep: Path, tmp_path: Path, monkeypatch: pytest
 
 def test_layer_type_heading_follows_the_alphas(sweep: Path) -> None:
     runs = load_runs([sweep], log=lambda _: None)
-    lt_runs = [r for r in runs if r["method"] in ("bn_only", "conv_linear_only", "full")]
+    lt_runs = [r for r in runs if r.method in ("bn_only", "conv_linear_only", "full")]
     assert final_model_text(lt_runs) == (
         "final model after interpolation (alpha* chosen on the selection split from [0, 0.5, 1])"
     )
     as_tuned = [
-        dict(r, config={**r["config"], "interpolation": {"alphas": [1.0]}})
-        if r["method"] in ("bn_only", "conv_linear_only", "full")
+        _with(r, config={**r.results.config, "interpolation": {"alphas": [1.0]}})
+        if r.method in ("bn_only", "conv_linear_only", "full")
         else r
         for r in runs
     ]
@@ -507,7 +531,7 @@ def test_layer_type_heading_follows_the_alphas(sweep: Path) -> None:
         "(interpolation.alphas = [1.0]: no interpolation)"
     ) in md
     assert "after interpolation" not in md
-    one = [dict(r, config={**r["config"], "interpolation": {"alphas": [0.5]}}) for r in lt_runs]
+    one = [_with(r, config={**r.results.config, "interpolation": {"alphas": [0.5]}}) for r in lt_runs]
     assert final_model_text(one).startswith("the model interpolated at alpha = 0.5")
 
 
@@ -520,7 +544,7 @@ def _legend_texts(fig) -> list[str]:
 
 def test_figure_series(sweep: Path) -> None:
     runs = load_runs([sweep], log=lambda _: None)
-    lt = [r for r in runs if r["method"] in ("bn_only", "conv_linear_only", "full")]
+    lt = [r for r in runs if r.method in ("bn_only", "conv_linear_only", "full")]
     fig = plot_layer_types(lt, "t")
     axes = fig.get_axes()
     assert len(axes) == 2 and all(len(ax.lines) == 3 for ax in axes)
@@ -528,7 +552,7 @@ def test_figure_series(sweep: Path) -> None:
     assert list(axes[0].lines[2].get_xdata()) == [0, 1, 2, 3]  # epoch 0 = base
     assert "%" in axes[0].get_ylabel() and "%" in axes[1].get_ylabel()
 
-    ft = [r for r in runs if r["method"] in ("rift", "rift_bn")]
+    ft = [r for r in runs if r.method in ("rift", "rift_bn")]
     fig = plot_interpolation(ft)
     for ax in fig.get_axes():
         assert len(ax.lines) == 4  # (rift, rift_bn) x (k=1, k=2)
@@ -550,34 +574,78 @@ def test_figure_series(sweep: Path) -> None:
 
 def test_mrc_two_estimators_side_by_side(sweep: Path) -> None:
     runs = load_runs([sweep], log=lambda _: None)
-    r = next(r for r in runs if r["method"] == "rift" and r["k"] == 1 and r["seed"] == 0)
-    linear = dict(
+    r = next(r for r in runs if r.method == "rift" and r.k == 1 and r.seed == 0)
+    linear = _with(
         r,
-        mrc=[dict(row, mrc=row["mrc"] * 1.1, estimator="linear", robust_acc_drop=None) for row in r["mrc"]],
-        config={**r["config"], "mrc": {"estimator": "linear"}},
+        mrc=[
+            dict(row, mrc=row["mrc"] * 1.1, estimator="linear", robust_acc_drop=None) for row in r.results.mrc
+        ],
+        config={**r.results.config, "mrc": {"estimator": "linear"}},
     )
     fig = figure_mrc([r, linear], "rift")
     ax_mrc, ax_drop = fig.get_axes()
     assert len(ax_mrc.containers) == 2 and len(ax_drop.containers) == 2
     assert {"exact estimate", "linear estimate"} <= set(_legend_texts(fig))
-    direct = plot_mrc({"exact": r["mrc"], "linear": linear["mrc"]}, ["layer1.0.conv1"])
+    direct = plot_mrc({"exact": r.results.mrc, "linear": linear.results.mrc}, ["layer1.0.conv1"])
     assert len(direct.get_axes()[0].containers) == 2
 
 
-# ------------------------------------------------------------------------------------ Figure 3 (KDE)
+# ---------------------------------------------------------------- Figure 3 (KDE), from the runs' saved data
 
 
-def test_bn_kde_and_wandb_from_checkpoints(
-    tmp_path: Path, tiny_cifar: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from rift_bn.report.kde import plan_kde
+def _save_bn_outputs(
+    sweep: Path, alphas: dict[str, float] | None = None, final_is_base: tuple[str, ...] = ()
+) -> torch.Tensor:
+    """Give every RiFT / RiFT-with-BN run of the sweep a ``bn_outputs.npz`` (and its record field): tiny
+    random ResNet-18s, one base per seed, a final and a fine-tuned model per run (the base itself as final
+    for the methods in ``final_is_base``), all on the same examples, which are returned. ``alphas`` sets
+    ``{method: alpha*}``."""
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for i, f in enumerate(sorted(sweep.rglob("results.json"))):
+        r = json.loads(f.read_text())
+        if r["method"] not in ("rift", "rift_bn"):
+            continue
+        models = []
+        for seed in (r["seed"], 100 + i, 200 + i):  # base, final, fine-tuned
+            torch.manual_seed(seed)
+            models.append(build_model("resnet18", 10, 8))
+        if r["method"] in final_is_base:
+            models[1] = models[0]
+        save_bn_outputs(f.parent / BN_OUTPUTS, dict(zip(MODELS, models, strict=True)), x)
+        r["bn_outputs"] = BN_OUTPUTS
+        r["alpha"] = (alphas or {}).get(r["method"], r["alpha"])
+        f.write_text(json.dumps(r))
+    return x
 
-    sweep = build_sweep(tmp_path / "sweep", data_root=tiny_cifar, logger="wandb")
-    _write_checkpoints(sweep)
+
+def _no_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From here on no torch module may run: the report must neither attack nor evaluate a model."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the report ran a model")
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", refuse)
+
+
+def test_bn_kde_and_wandb_from_saved_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rift_bn.report.kde import kde_samples, plan_kde
+
+    sweep = build_sweep(tmp_path / "sweep", logger="wandb")
+    _save_bn_outputs(sweep)
+    _no_forward(monkeypatch)
     runs = load_runs([sweep], log=lambda _: None)
     plan, why = plan_kde(runs)
     assert plan is not None, why
     assert plan.k == 2 and plan.layers == ["bn1", "layer1.0.bn1"]  # largest k; the BN layers RiFT-BN selected
+    samples = kde_samples(plan)
+    saved = BNOutputs.read(plan.rift_bn.beside(BN_OUTPUTS))
+    assert saved.images == plan.images == 4 and saved.values["base"].shape[1] == VALUES
+    assert np.array_equal(samples["bn1"]["init"], saved.of("base", "bn1"))
+    assert np.array_equal(samples["bn1"]["RiFT with BN"], saved.of("final", "bn1"))
+    rift_saved = BNOutputs.read(plan.rift.beside(BN_OUTPUTS))
+    assert np.array_equal(samples["bn1"]["RiFT"], rift_saved.of("final", "bn1"))
+    assert np.array_equal(rift_saved.of("base", "bn1"), saved.of("base", "bn1"))  # one base, same examples
+    assert list(samples["bn1"]) == ["init", "RiFT", "RiFT with BN", "RiFT (fine-tuned)"]  # RiFT-BN alpha* = 1
     group = "sweep-" + "-".join(sweep.parts[-2:])  # the group rift_bn.loggers gives a sweep's runs
     assert wandb_target(runs) == {
         "project": "rift_bn_test",
@@ -588,24 +656,22 @@ def test_bn_kde_and_wandb_from_checkpoints(
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    report = make_report([sweep], kde=True, wandb=True, kde_images=20, device="cpu", log=lambda _: None)
+    report = make_report([sweep], kde=True, wandb=True, log=lambda _: None)
     fig = report.figures["fig_bn_kde_cifar10"]
     shown = [ax for ax in fig.get_axes() if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["bn1", "layer1.0.bn1"]
-    assert all(len(ax.lines) == 3 for ax in shown)  # runs without finetuned_checkpoint: theta(alpha*) only
+    assert all(len(ax.lines) == 4 for ax in shown)  # RiFT with BN at alpha* = 1 is its fine-tuned model
     assert _legend_texts(fig) == [
         "init",
         r"RiFT $\theta(\alpha^*)$, $\alpha^*$=0.5",
+        r"RiFT fine-tuned ($\alpha$=1)",
         r"RiFT with BN $\theta(\alpha^*)$, $\alpha^*$=1 = fine-tuned",
     ]
     caption = " ".join(fig._suptitle.get_text().split())
+    assert "BN outputs on adversarial examples of 4 selection-split images" in caption
     assert "PGD-10 (eps 8/255, step 2/255, random start), made once on the base model (init)" in caption
     assert "Layers: the BN layers RiFT with BN selected for fine-tuning" in caption
-    assert "least robustness-critical" in caption and "20 selection-split images" in caption
-    assert (
-        "RiFT fine-tuned model (alpha = 1) not available: its results.json has no finetuned_checkpoint"
-        in (caption)
-    )
+    assert "least robustness-critical" in caption
     assert (report.out / "fig_bn_kde_cifar10.png").read_bytes()[:8] == PNG_MAGIC
     assert "BN output" in shown[0].get_xlabel() and "Density" in shown[0].get_ylabel()
 
@@ -626,42 +692,86 @@ def test_bn_kde_and_wandb_from_checkpoints(
         )
 
 
-def test_bn_kde_samples_match_for_equal_models(tmp_path: Path, tiny_cifar: Path) -> None:
-    from rift_bn.report.kde import KDEPlan, bn_outputs, kde_samples
-
-    sweep = build_sweep(tmp_path / "sweep", data_root=tiny_cifar)
+def test_kde_alpha_star_zero_is_init_and_the_fine_tuned_model_is_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sweep = build_sweep(tmp_path / "sweep")
+    _save_bn_outputs(sweep, alphas={"rift": 0.0, "rift_bn": 0.5}, final_is_base=("rift",))
+    _no_forward(monkeypatch)
     runs = load_runs([sweep], log=lambda _: None)
-    rift = next(r for r in runs if r["method"] == "rift" and r["k"] == 1 and r["seed"] == 0)
-    rift_bn = next(r for r in runs if r["method"] == "rift_bn" and r["k"] == 1 and r["seed"] == 0)
-    _write_checkpoints(sweep)
-    Path(rift["final"]["checkpoint"]).write_bytes(
-        Path(rift_bn["base"]["checkpoint"]).read_bytes()
-    )  # RiFT = init
-    samples = kde_samples(KDEPlan(rift, rift_bn, ["layer1.0.bn2"]), n_images=8, max_values=500, device="cpu")
-    v = samples["layer1.0.bn2"]
-    assert len(v["init"]) == 500 and np.array_equal(
-        v["init"], v["RiFT"]
-    )  # same images, attack seed, positions
-    assert not np.array_equal(v["init"], v["RiFT with BN"])
-
-    import torch
-
-    from rift_bn.models import build_model
-
-    out = bn_outputs(build_model("resnet18", 10, 8), torch.zeros(2, 3, 32, 32), ["bn1", "linear"])
-    assert out["bn1"].numel() == 2 * 8 * 32 * 32 and out["linear"].numel() == 2 * 10
+    figures, skipped = report_figures(runs, kde=True, log=lambda _: None)
+    assert "fig_bn_kde_cifar10" in figures, skipped
+    fig = figures["fig_bn_kde_cifar10"]
+    shown = [ax for ax in fig.get_axes() if ax.get_visible()]
+    assert all(len(ax.lines) == 5 for ax in shown)
+    init, at_star, tuned = (shown[0].lines[i].get_ydata() for i in (0, 1, 3))
+    assert np.array_equal(init, at_star)  # alpha* = 0: theta(alpha*) is init, by construction ...
+    assert not np.allclose(init, tuned)  # ... while the fine-tuned model itself differs
+    assert _legend_texts(fig) == [  # a column per model family
+        "init",
+        r"RiFT $\theta(\alpha^*)$, $\alpha^*$=0 = init",
+        r"RiFT fine-tuned ($\alpha$=1)",
+        r"RiFT with BN $\theta(\alpha^*)$, $\alpha^*$=0.5",
+        r"RiFT with BN fine-tuned ($\alpha$=1)",
+    ]
+    caption = " ".join(fig._suptitle.get_text().split())
+    assert "finetune.bn_stats: RiFT selected, RiFT with BN selected" in caption
 
 
-def test_kde_skipped_with_reason_when_checkpoints_missing(made: tuple) -> None:
-    report, logs = made
+def test_kde_skipped_with_one_line_without_saved_outputs(made: tuple, tmp_path: Path) -> None:
+    report, logs = made  # version-1 runs: no bn_outputs.npz
     assert "fig_bn_kde_cifar10" not in report.figures
-    assert "checkpoint missing" in report.skipped["fig_bn_kde_cifar10"]
-    assert any("Figure 3" in line for line in logs)
+    why = report.skipped["fig_bn_kde_cifar10"]
+    assert "saved no BN outputs (written before runs saved Figure 3's data; run it again)" in why
+    assert "\n" not in why and any(
+        line.startswith("Figure 3 (fig_bn_kde_cifar10) skipped: ") for line in logs
+    )
+
+    sweep = build_sweep(tmp_path / "sweep")
+    _save_bn_outputs(sweep)
+    runs = load_runs([sweep], log=lambda _: None)
+    plan = kde_plan(runs)
+    plan.rift.beside(BN_OUTPUTS).unlink()
+    _, skipped = report_figures(runs, log=lambda _: None)
+    assert skipped["fig_bn_kde_cifar10"].startswith("the RiFT run's BN outputs are missing: ")
+
+    x = torch.rand(2, 3, 32, 32)  # the RiFT run fed other examples: its curves would not be comparable
+    save_bn_outputs(plan.rift.beside(BN_OUTPUTS), dict.fromkeys(MODELS, build_model("resnet18", 10, 8)), x)
+    _, skipped = report_figures(runs, log=lambda _: None)
+    assert "saved BN outputs on different adversarial examples" in skipped["fig_bn_kde_cifar10"]
+
+
+def kde_plan(runs: list[Run]) -> Any:
+    from rift_bn.report.kde import plan_kde
+
+    plan, why = plan_kde(runs)
+    assert plan is not None, why
+    return plan
+
+
+def test_layer_values_are_outputs_at_fixed_positions() -> None:
+    """The same positions for every model and call; each value is the layer's output there."""
+    torch.manual_seed(0)
+    a, b = build_model("resnet18", 10, 8), build_model("resnet18", 10, 8)
+    x = torch.rand(3, 3, 32, 32)
+    va = layer_values(a, x, ["bn1", "layer1.0.bn2"], values=50, batch_size=2)
+    assert va.shape == (2, 50) and np.array_equal(va, layer_values(a, x, ["bn1", "layer1.0.bn2"], 50, 2))
+    assert np.allclose(va, layer_values(a, x, ["bn1", "layer1.0.bn2"], values=50), atol=1e-5)  # one batch
+    assert not np.array_equal(va, layer_values(b, x, ["bn1", "layer1.0.bn2"], values=50))
+    full: list[torch.Tensor] = []
+    hook = a.net.bn1.register_forward_hook(lambda _m, _i, out: full.append(out.detach().flatten()))
+    with torch.no_grad():
+        a.eval()(x)
+    hook.remove()
+    positions = np.sort(np.random.default_rng(0).choice(len(full[0]), size=50, replace=False))
+    assert np.allclose(va[0], full[0].numpy()[positions])
+    with pytest.raises(KeyError, match="conv1"):
+        layer_values(a, x, ["conv1"])
 
 
 def test_make_report_writes_every_file(made: tuple) -> None:
     report, _ = made
-    sweep = Path(report.runs[0]["_path"]).parents[1]
+    sweep = report.runs[0].path.parents[1]
     assert report.out == (sweep / "report").resolve()  # default: <first DIR>/report
     stems = [
         "fig_layer_types_cifar10",
@@ -693,7 +803,7 @@ def test_cli(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"report: {out.resolve()}"
-    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in proc.stdout
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | n/a | n/a | 0.5 | 3 | 100 |" in proc.stdout
     assert "skipped fig_bn_kde_cifar10: --no-kde" in proc.stdout
     missing = "missing: sweep/99 (no results.json; the job failed or is still running)"
     assert missing in proc.stdout and missing in (out / "table1.md").read_text()
@@ -804,7 +914,7 @@ def test_bn_stats_sweep_gives_rows_of_one_experiment(sweep: Path, tmp_path: Path
     ]
 
     md = to_markdown(t, layer_types_table(runs), runs)
-    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | 3 |" in md  # one mode: the plain label
+    assert "| Top 1 | RiFT | 83.00 ± 2.00 | 50.00 ± 0.87 | n/a |" in md  # one mode: the plain label
     assert "|  | RiFT with BN (BN stats: selected) | 82.00 ± 1.00 |" in md
     assert "|  | RiFT with BN (BN stats: none) | 77.00 ± 1.00 |" in md
     assert "|  | Δ RiFT with BN (BN stats: none) | -3.00 ± 0.00 |" in md
@@ -817,17 +927,17 @@ def test_bn_stats_sweep_gives_rows_of_one_experiment(sweep: Path, tmp_path: Path
     assert "| Full (BN stats: none) | 83.00 |" in md and "| Full (BN stats: selected) | 84.00 |" in md
     assert "Full, one row per mode: only the selected BN layers' running statistics adapt " in md
 
-    _, _, files = write_tables(runs, tmp_path / "out")
+    write_tables(runs, tmp_path / "out")
     csv = pd.read_csv(tmp_path / "out" / "table1.csv", keep_default_na=False)
     assert set(csv.loc[csv["method"] == "rift_bn", "bn_stats"]) == {"selected", "none"}
     assert "bn_stats" in pd.read_csv(tmp_path / "out" / "runs.csv").columns
 
-    fig = plot_interpolation([r for r in runs if r["method"] in ("rift", "rift_bn")])
+    fig = plot_interpolation([r for r in runs if r.method in ("rift", "rift_bn")])
     assert all(len(ax.lines) == 6 for ax in fig.get_axes())  # + rift_bn none at k=1, k=2
     legend = set(_legend_texts(fig))
     assert {"RiFT, k=1 (n=3)", "RiFT with BN (BN stats: none), k=1 (n=3)"} <= legend
     assert "RiFT with BN (BN stats: selected), k=1 (n=3)" in legend
-    fig = plot_layer_types([r for r in runs if r["method"] in ("bn_only", "conv_linear_only", "full")])
+    fig = plot_layer_types([r for r in runs if r.method in ("bn_only", "conv_linear_only", "full")])
     assert _legend_texts(fig) == [
         "BN only",
         "Conv/Linear only",
@@ -849,148 +959,286 @@ def test_old_runs_without_bn_stats_read_as_selected(sweep: Path) -> None:
     assert "BN stats:" not in md
 
 
-# -------------------------------------------- Figure 3: one attack on the base model, fine-tuned models
+# --------------------------------------------- paired statistics: two fake seeds, computed here by hand
+
+# Which of 10 test images each model gets right (1), per seed; the base is shared by the seed's runs.
+BASE_OUT = {
+    0: {"clean": "1111100000", "robust": "0000000000"},
+    1: {"clean": "1111110000", "robust": "1000000000"},
+}
+FINAL_OUT = {
+    ("rift", 0): {"clean": "1111111100", "robust": "1111100000"},
+    ("rift", 1): {"clean": "0111111110", "robust": "1111100000"},
+    ("rift_bn", 0): {"clean": "1111100000", "robust": "1110000000"},
+    ("rift_bn", 1): {"clean": "1111110000", "robust": "1100000000"},
+}
+ALPHA_STAR = {("rift", 0): 0.5, ("rift", 1): 1.0, ("rift_bn", 0): 0.0, ("rift_bn", 1): 0.0}
 
 
-def _kde_sweep(root: Path, data_root: Path, attack: dict | None = None, alphas: dict | None = None) -> Path:
-    """A sweep whose RiFT / RiFT-with-BN runs saved their fine-tuned model (``finetuned.pt``), with every
-    checkpoint written; ``attack`` updates ``config.attack``, ``alphas`` sets ``{method: alpha*}``."""
-    sweep = build_sweep(root, data_root=data_root)
-    for f in sorted(sweep.rglob("results.json")):
-        r = json.loads(f.read_text())
-        if r["method"] in ("rift", "rift_bn"):
-            r["finetuned_checkpoint"] = str(f.parent / "finetuned.pt")
-            r["alpha"] = (alphas or {}).get(r["method"], r["alpha"])
-        r["config"]["attack"] |= attack or {}
-        f.write_text(json.dumps(r))
-    _write_checkpoints(sweep)
-    return sweep
+def _bits(text: str) -> np.ndarray:
+    return np.array([c == "1" for c in text])
 
 
-class _Spy:
-    """Stands in for rift_bn.report.kde.PGD: records its settings and every attack (model state, inputs)."""
-
-    made: list[dict] = []
-    calls: list[dict] = []
-
-    def __init__(self, **kwargs: object) -> None:
-        from rift_bn.attacks import PGD
-
-        type(self).made.append(kwargs)
-        self.pgd = PGD(**kwargs)
-
-    def __call__(self, model, x, y):
-        type(self).calls.append({k: v.clone() for k, v in model.net.state_dict().items()})
-        return self.pgd(model, x, y)
+def _mcnemar_by_hand(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar: twice the smaller binomial tail of the discordant images, at most 1."""
+    n = gained + lost
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n)
 
 
-def test_kde_attacks_the_base_model_once_with_the_runs_attack(
-    tmp_path: Path, tiny_cifar: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import torch
+def write_run(folder: Path, method: str, seed: int, test_index: np.ndarray | None = None) -> Path:
+    """A version-2 run of k=1 as a job writes it: results.json (accuracies = the outcomes' means) and
+    outcomes.npz from the tables above."""
+    folder.mkdir(parents=True)
+    base = {m: _bits(BASE_OUT[seed][m]) for m in ("clean", "robust")}
+    final = {m: _bits(FINAL_OUT[(method, seed)][m]) for m in ("clean", "robust")}
+    index = np.arange(10) if test_index is None else test_index
+    write_outcomes(folder / OUTCOMES, index, base, final)
+    acc = lambda c, ckpt: {
+        "clean_acc": percent(c["clean"]),
+        "robust_acc": percent(c["robust"]),
+        "checkpoint": ckpt,
+    }
+    Results(
+        experiment=Experiment(
+            group="g",
+            name="topk",
+            stage="finetune",
+            dataset="cifar10",
+            model="resnet18",
+            width=8,
+            method=method,
+            k=1,
+            bn_stats={"rift": "all", "rift_bn": "selected"}[method],
+            seed=seed,
+        ),
+        base=acc(base, f"/ckpt/base-{seed}.pt"),
+        final=acc(final, str(folder / "final.pt")),
+        test_size=10,
+        alpha=ALPHA_STAR[(method, seed)],
+        outcomes=OUTCOMES,
+        stats=outcome_stats(read_outcomes(folder / OUTCOMES)),
+        config={"method": {"name": method}, "logger": {"name": "csv"}},
+    ).write(folder / "results.json")
+    return folder / "results.json"
 
-    from rift_bn.models.checkpoint import read_state_dict
-    from rift_bn.report import kde
 
-    attack = {"eps": "4/255", "alpha": 0.01, "steps": 3, "random_start": True, "restarts": 2}
-    sweep = _kde_sweep(tmp_path / "sweep", tiny_cifar, attack, alphas={"rift_bn": 0.5})
-    runs = load_runs([sweep], log=lambda _: None)
-    monkeypatch.setattr(kde, "PGD", _Spy)
-    inputs: list[torch.Tensor] = []
-    real_bn_outputs = kde.bn_outputs
-    monkeypatch.setattr(
-        kde, "bn_outputs", lambda m, x, layers: inputs.append(x) or real_bn_outputs(m, x, layers)
+@pytest.fixture()
+def paired(tmp_path: Path) -> Path:
+    """A sweep of RiFT and RiFT with BN at k=1 over seeds 0 and 1, with per-image outcomes."""
+    root = tmp_path / "paired"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    for i, (method, seed) in enumerate(FINAL_OUT):
+        write_run(root / str(i), method, seed)
+    return root
+
+
+def test_pooled_numbers_equal_a_hand_computation_on_two_fake_seeds(paired: Path) -> None:
+    runs = load_runs([paired], log=lambda _: None)
+    t = table1(runs)
+    rift, bn, base = _row(t, "rift", 1), _row(t, "rift_bn", 1), _row(t, "base")
+    # RiFT, clean: seed 0 gains images 5-7, seed 1 gains 6-8 and loses 0: 6 gained, 1 lost of 20
+    assert rift["paired_images"] == 20 and rift["paired_clean_delta"] == pytest.approx((6 - 1) / 20 * 100)
+    assert rift["paired_clean_p_value"] == pytest.approx(_mcnemar_by_hand(6, 1)) == pytest.approx(0.125)
+    # RiFT, robust: 5 + 4 gained, none lost: 45 points, p = 2 / 2^9, significant
+    assert rift["paired_robust_delta"] == pytest.approx(45.0)
+    assert rift["paired_robust_p_value"] == pytest.approx(_mcnemar_by_hand(9, 0)) == pytest.approx(2 / 2**9)
+    # RiFT with BN: clean unchanged (no discordant image: p = 1, CI [0, 0]); robust 3 + 1 gained
+    assert (bn["paired_clean_delta"], bn["paired_clean_p_value"]) == (0.0, 1.0)
+    assert (bn["paired_clean_ci_low"], bn["paired_clean_ci_high"]) == (0.0, 0.0)
+    assert bn["paired_robust_delta"] == pytest.approx(20.0) and bn["paired_robust_p_value"] == pytest.approx(
+        _mcnemar_by_hand(4, 0)
     )
-    _Spy.made, _Spy.calls = [], []
+    # the interval is the bootstrap over the 20 pooled pairs (each seed's images with their own base)
+    before = np.concatenate([_bits(BASE_OUT[s]["clean"]) for s in (0, 1)])
+    after = np.concatenate([_bits(FINAL_OUT[("rift", s)]["clean"]) for s in (0, 1)])
+    low, high = paired_ci(before, after)
+    assert (rift["paired_clean_ci_low"], rift["paired_clean_ci_high"]) == (low, high)
+    assert low < rift["paired_clean_delta"] < high
+    # mean ± std over seeds stays: clean 80, 80; deltas 30, 20
+    assert rift["clean_acc_mean"] == 80.0 and rift["clean_acc_std"] == 0.0
+    assert rift["delta_clean_mean"] == pytest.approx(25.0) and rift["delta_clean_std"] == pytest.approx(
+        math.sqrt(50)
+    )
+    assert (rift["alphas"], bn["alphas"], rift["n"], rift["test_images"]) == ("0.5/1", "0", 2, 10)
+    assert base["n"] == 2 and math.isnan(base["paired_clean_delta"]) and base["test_images"] == 10
 
-    plan, _ = kde.plan_kde(runs)
-    samples = kde.kde_samples(plan, n_images=8, max_values=300, device="cpu")
-    assert _Spy.made == [
-        {"eps": pytest.approx(4 / 255), "alpha": 0.01, "steps": 3, "random_start": True, "restarts": 2}
+    md = to_markdown(t, None, runs)
+    ci = lambda r, m: f"[{r[f'paired_{m}_ci_low']:+.2f}, {r[f'paired_{m}_ci_high']:+.2f}]"
+    assert (
+        f"| Top 1 | RiFT | 80.00 ± 0.00 | 50.00 ± 0.00 | +25.00 {ci(rift, 'clean')} | "
+        f"+45.00 {ci(rift, 'robust')}* | 0.5/1 | 2 | 10 |"
+    ) in md
+    assert (
+        f"| RiFT with BN | 55.00 ± 7.07 | 25.00 ± 7.07 | +0.00 [+0.00, +0.00] | +20.00 {ci(bn, 'robust')} |"
+        in md
+    )
+    assert "|  | Base (AT) | 55.00 ± 7.07 | 5.00 ± 7.07 |  |  |  | 2 | 10 |" in md
+    assert TESTS_NOTE in md and "exact two-sided McNemar" in md and "p < 0.05" in md
+
+
+def test_rift_with_bn_vs_rift_paired_on_the_same_images(paired: Path, tmp_path: Path) -> None:
+    from rift_bn.report.table import rift_vs_rift_bn
+
+    runs = load_runs([paired], log=lambda _: None)
+    df, notes = rift_vs_rift_bn(runs)
+    (row,) = df.to_dict("records")
+    assert not notes and (row["k"], row["n"], row["seeds"], row["test_images"]) == (1, 2, "0 1", 10)
+    # clean: seed 0 RiFT with BN misses 5-7 that RiFT gets; seed 1 gets 0 and misses 6-8: 1 gained, 6 lost
+    assert row["paired_clean_delta"] == pytest.approx(-25.0)
+    assert row["paired_clean_p_value"] == pytest.approx(_mcnemar_by_hand(1, 6))
+    # robust: 2 + 3 lost, none gained
+    assert row["paired_robust_delta"] == pytest.approx(-25.0)
+    assert row["paired_robust_p_value"] == pytest.approx(_mcnemar_by_hand(0, 5)) == pytest.approx(0.0625)
+    before = np.concatenate([_bits(FINAL_OUT[("rift", s)]["robust"]) for s in (0, 1)])
+    after = np.concatenate([_bits(FINAL_OUT[("rift_bn", s)]["robust"]) for s in (0, 1)])
+    assert (row["paired_robust_ci_low"], row["paired_robust_ci_high"]) == paired_ci(before, after)
+
+    # seed 1's RiFT-with-BN run scored other test images: seed 1 is left out of the pair, said in a note
+    other = paired / "3"  # rift_bn, seed 1
+    arrays = read_outcomes(other / OUTCOMES)
+    write_outcomes(
+        other / OUTCOMES,
+        arrays["test_index"] + 10,
+        {m: arrays[f"base_{m}"] for m in ("clean", "robust")},
+        {m: arrays[f"final_{m}"] for m in ("clean", "robust")},
+    )
+    runs = load_runs([paired], log=lambda _: None)
+    df, notes = rift_vs_rift_bn(runs)
+    assert list(df["n"]) == [1] and list(df["seeds"]) == ["0"]
+    assert notes == [
+        "RiFT with BN vs RiFT, cifar10: left out k=1 seed 1 "
+        "(the two runs were scored on different test images)"
     ]
-    assert plan.attack == "PGD-3 (eps 4/255, step 0.01, random start, worst of 2 restarts)"
-    assert len(_Spy.calls) == 1  # one attack, on the base model ...
-    base = read_state_dict(plan.rift_bn["base"]["checkpoint"])
-    assert all(torch.equal(_Spy.calls[0][k], base[k]) for k in base)
-    assert len(inputs) == 5 and all(torch.equal(x, inputs[0]) for x in inputs)  # ... fed to all five models
-    assert list(samples["bn1"]) == [
-        "init",
-        "RiFT",
-        "RiFT with BN",
-        "RiFT (fine-tuned)",
-        "RiFT with BN (fine-tuned)",
-    ]
-    assert not plan.omitted and not plan.per_model_attack
-
-    _Spy.calls, inputs[:] = [], []
-    again = kde.kde_samples(plan, n_images=8, max_values=300, device="cpu", per_model_attack=True)
-    assert len(_Spy.calls) == 5 and plan.per_model_attack  # each model attacked itself
-    assert not torch.equal(inputs[0], inputs[2])
-    assert np.array_equal(again["bn1"]["init"], samples["bn1"]["init"])  # same seed: the same init examples
-    assert not np.array_equal(again["bn1"]["RiFT with BN"], samples["bn1"]["RiFT with BN"])
+    report = make_report([paired], tmp_path / "out", kde=False, wandb=False, log=lambda _: None)
+    md = (report.out / "table1.md").read_text()
+    assert "## RiFT with BN vs RiFT, paired on the same test images" in md and notes[0] in md
+    assert "| Top 1 | RiFT with BN − RiFT | 1 | 10 | " in md
+    assert pd.read_csv(report.out / "rift_vs_rift_bn.csv")["n"].tolist() == [1]
 
 
-def test_kde_alpha_star_zero_is_init_and_the_fine_tuned_model_is_shown(
-    tmp_path: Path, tiny_cifar: Path
+def test_cli_prints_the_paired_columns(
+    paired: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sweep = _kde_sweep(tmp_path / "sweep", tiny_cifar, {"steps": 2}, alphas={"rift": 0.0, "rift_bn": 0.5})
-    runs = load_runs([sweep], log=lambda _: None)
-    rift = next(r for r in runs if r["method"] == "rift" and r["k"] == 2)
-    Path(rift["final"]["checkpoint"]).write_bytes(Path(rift["base"]["checkpoint"]).read_bytes())  # theta(0)
-
-    figures, skipped = report_figures(runs, kde=True, kde_images=8, device="cpu", log=lambda _: None)
-    assert "fig_bn_kde_cifar10" in figures, skipped
-    fig = figures["fig_bn_kde_cifar10"]
-    shown = [ax for ax in fig.get_axes() if ax.get_visible()]
-    assert all(len(ax.lines) == 5 for ax in shown)
-    init, at_star, tuned = (shown[0].lines[i].get_ydata() for i in (0, 1, 3))
-    assert np.array_equal(init, at_star)  # alpha* = 0: theta(alpha*) is init, by construction ...
-    assert not np.allclose(init, tuned)  # ... while the fine-tuned model itself differs
-    assert _legend_texts(fig) == [  # a column per model family
-        "init",
-        r"RiFT $\theta(\alpha^*)$, $\alpha^*$=0 = init",
-        r"RiFT fine-tuned ($\alpha$=1)",
-        r"RiFT with BN $\theta(\alpha^*)$, $\alpha^*$=0.5",
-        r"RiFT with BN fine-tuned ($\alpha$=1)",
-    ]
-    caption = " ".join(fig._suptitle.get_text().split())
-    assert "PGD-2 (eps 8/255, step 2/255, random start), made once on the base model (init)" in caption
-    assert "finetune.bn_stats: RiFT selected, RiFT with BN selected" in caption and "Note:" not in caption
-
-
-def test_cli_kde_per_model_attack_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from rift_bn.report import build
     from rift_bn.report.__main__ import main
 
-    seen: dict = {}
-
-    def fake(*args: object, **kwargs: object) -> None:
-        seen.update(kwargs)
-        raise FileNotFoundError("stop")
-
-    monkeypatch.setattr(build, "make_report", fake)
-    assert main([str(tmp_path), "--no-wandb", "--kde-per-model-attack"]) == 2
-    assert seen["kde_per_model_attack"] is True
-    main([str(tmp_path), "--no-wandb"])
-    assert seen["kde_per_model_attack"] is False
+    assert main([str(paired), "--out", str(tmp_path / "out"), "--no-kde", "--no-wandb"]) == 0
+    out = capsys.readouterr().out
+    assert "| Δ clean, paired [95% CI] | Δ robust, paired [95% CI] | α* | n | Test images |" in out
+    assert "| +45.00 [" in out and "]* | 0.5/1 | 2 | 10 |" in out
+    assert "| Top 1 | RiFT with BN − RiFT | 2 | 10 | -25.00 [" in out
+    runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")  # each run's own statistics, as the job wrote them
+    rift0 = runs_csv[(runs_csv["method"] == "rift") & (runs_csv["seed"] == 0)].iloc[0]
+    assert rift0["paired_clean_delta"] == pytest.approx(30.0)
+    assert rift0["paired_clean_p_value"] == pytest.approx(_mcnemar_by_hand(3, 0))
 
 
-def test_kde_images_follow_the_selection_source(tiny_cifar: Path) -> None:
-    """data.selection_source=test_half: Figure 3's images are the selection half of the test set."""
-    import torch
+def test_outcomes_that_disagree_with_the_record_are_not_used(paired: Path) -> None:
+    path = paired / "0" / "results.json"  # rift, seed 0
+    d = json.loads(path.read_text())
+    d["final"]["clean_acc"] = 99.0  # a stale outcomes.npz beside it
+    path.write_text(json.dumps(d))
+    loaded = load([paired])
+    assert loaded.notes == [
+        f"no paired statistics for {path}: {path.parent / OUTCOMES}: final_clean disagrees with results.json "
+        "(a stale copy?)"
+    ]
+    t = table1(loaded.runs)
+    assert math.isnan(_row(t, "rift", 1)["paired_clean_delta"])  # the cell: n/a, never half its seeds
+    assert not math.isnan(_row(t, "rift_bn", 1)["paired_clean_delta"])
 
-    from rift_bn.data import load_cifar, to_float
-    from rift_bn.report.kde import _selection_images
 
-    r = make_result("rift_bn", 1, 0, tiny_cifar, data_root=tiny_cifar)
-    _, _, test_x, _ = load_cifar("cifar10", tiny_cifar, download=False)
-    x, y, note = _selection_images(r, 8)  # old runs: train_holdout, carved from the training set
-    assert len(x) == 8 and not note and not any(torch.equal(a, b) for a in x for b in to_float(test_x))
-    r["config"]["data"]["selection_source"] = "test_half"
-    x, y, _ = _selection_images(r, 100)
-    assert len(x) == 25 and all(any(torch.equal(a, b) for b in to_float(test_x)) for a in x)  # half of 50
-    r["data_fingerprint"] = "0" * 64
-    assert "differs from the run's" in _selection_images(r, 4)[2]
+def test_old_and_foreign_results_files(sweep: Path) -> None:
+    """Version-1 files (no schema_version) load with their experiment computed; a file of another version is
+    refused in one line, and the other runs are reported."""
+    runs = load_runs([sweep], log=lambda _: None)
+    assert {r.experiment.group for r in runs} == {
+        experiment_key(json.loads((sweep / "0" / "results.json").read_text()))
+    }
+    assert {r.bn_stats for r in runs if r.method} == {"selected"}  # before bn_stats was recorded
+    foreign = sweep / "0" / "results.json"
+    foreign.write_text(json.dumps(json.loads(foreign.read_text()) | {"schema_version": 3}))
+    loaded = load([sweep])
+    assert len(loaded.runs) == 11
+    (note,) = loaded.notes
+    assert (
+        note.startswith(f"skipped {foreign}: schema_version=3: written by another rift_bn")
+        and "\n" not in note
+    )
+
+
+# ------------------------------------------------------------ the job's Figure 3 data (bn_outputs.npz)
+
+
+def _fake_job(tmp_path: Path, selection: str = "mrc") -> Any:
+    """What save_job_bn_outputs reads of a job: config, selection split, cache keys, device, folders."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from rift_bn.pipeline.training import Timings
+
+    cfg = OmegaConf.create(
+        {
+            "method": {"selection": selection},
+            "mrc": {"num_examples": None},
+            "attack": {"eps": "8/255", "alpha": "2/255", "steps": 1, "random_start": True, "restarts": 1},
+            "eval": {"batch_size": 4},
+            "seed": 0,
+        }
+    )
+    g = torch.Generator().manual_seed(1)
+    dm = SimpleNamespace(
+        val_x=torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g),
+        val_y=torch.randint(0, 10, (6,), generator=g),
+    )
+    keys = SimpleNamespace(adversarial_set_path=lambda h, n: tmp_path / "cache" / "adv" / f"{h}-{n}.pt")
+    for d in ("out", "state"):
+        (tmp_path / d).mkdir(parents=True)
+    return SimpleNamespace(
+        cfg=cfg,
+        dm=dm,
+        keys=keys,
+        training=SimpleNamespace(device=torch.device("cpu")),
+        timings=Timings(),
+        output_dir=tmp_path / "out",
+        state_dir=tmp_path / "state",
+    )
+
+
+def test_the_job_saves_figure_3_data_on_the_mrc_adversarial_set(tmp_path: Path) -> None:
+    from rift_bn import cache
+    from rift_bn.models.checkpoint import save_state_dict
+    from rift_bn.report.bn_outputs import save_job_bn_outputs
+
+    job = _fake_job(tmp_path)
+    torch.manual_seed(0)
+    base, final, tuned = (build_model("resnet18", 10, 8) for _ in range(3))
+    save_state_dict(tuned, tmp_path / "finetuned.pt")
+    rng = torch.get_rng_state()
+    field = save_job_bn_outputs(job, base, final, "abc", str(tmp_path / "finetuned.pt"))
+    assert field == {"bn_outputs": BN_OUTPUTS} and "bn_outputs" in job.timings
+    assert torch.equal(torch.get_rng_state(), rng)  # the job's random stream is untouched: no number moves
+    adv = cache.load_tensors(tmp_path / "cache" / "adv" / "abc-6.pt")["x"]  # the MRC set, made and cached
+    saved = BNOutputs.read(job.output_dir / BN_OUTPUTS)
+    assert (job.state_dir / BN_OUTPUTS).read_bytes() == (job.output_dir / BN_OUTPUTS).read_bytes()
+    assert saved.layers == [n for n, _, _ in candidate_modules(base, {"bn"})] and saved.images == 6
+    assert saved.values["base"].shape == (len(saved.layers), VALUES)
+    for who, model in (("base", base), ("final", final), ("finetuned", tuned)):
+        want = layer_values(model, adv, saved.layers)  # one batch, where the job ran batches of 4
+        assert np.allclose(saved.values[who], want, rtol=1e-3, atol=1e-3)  # float16
+    assert (job.output_dir / BN_OUTPUTS).stat().st_size < 400_000
+
+    # a cached adversarial set is read, never attacked again; a layer-type job saves nothing
+    job2 = _fake_job(tmp_path / "again")
+    (tmp_path / "again" / "cache" / "adv").mkdir(parents=True, exist_ok=True)
+    cache.save_tensors(tmp_path / "again" / "cache" / "adv" / "abc-6.pt", {"x": adv, "y": job2.dm.val_y})
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr("rift_bn.attacks.PGD.__call__", lambda *_: pytest.fail("attacked again"))
+        save_job_bn_outputs(job2, base, final, "abc", str(tmp_path / "finetuned.pt"))
+    assert BNOutputs.read(job2.output_dir / BN_OUTPUTS).examples == saved.examples
+    assert save_job_bn_outputs(_fake_job(tmp_path / "lt", "all"), base, final, "abc", "") == {}
+    assert not (tmp_path / "lt" / "out" / BN_OUTPUTS).exists()
 
 
 # ------------------------------------------------- the same tags everywhere, several sweeps, no hidden curves
@@ -1027,12 +1275,12 @@ def test_a_report_over_several_sweeps_goes_to_the_first_and_its_group(tmp_path: 
 
 
 def test_equal_interpolation_curves_and_stars_stay_visible(sweep: Path) -> None:
-    runs = [r for r in load_runs([sweep], log=lambda _: None) if r["method"] in ("rift", "rift_bn")]
-    for r in runs:  # every series the same curve and the same alpha*: they used to hide each other
-        r["interpolation"] = [
-            {"alpha": a, "clean_acc": 60 + a, "robust_acc": 40 - a} for a in (0.0, 0.5, 1.0)
-        ]
-        r["alpha"] = 0.5
+    curve = [{"alpha": a, "clean_acc": 60 + a, "robust_acc": 40 - a} for a in (0.0, 0.5, 1.0)]
+    runs = [  # every series the same curve and the same alpha*: they used to hide each other
+        _with(r, interpolation=curve, alpha=0.5)
+        for r in load_runs([sweep], log=lambda _: None)
+        if r.method in ("rift", "rift_bn")
+    ]
     fig = plot_interpolation(runs)
     for ax in fig.get_axes():
         xs = [tuple(np.round(line.get_xdata(), 6)) for line in ax.lines]

@@ -20,8 +20,7 @@ from rift_bn.interpolate import choose_alpha, interpolate_state
 from rift_bn.models import NormalizedModel, build_model, candidate_modules
 from rift_bn.modules import FineTuning, quiet_trainer
 from rift_bn.mrc import MRCProtocol, compute_mrc, mrc_reference, project_, select_lowest
-from tests.test_data import _write_fake_cifar10
-from tests.test_mrc_linear import TinyConvBN
+from tests.conftest import StagedConvBN, write_fake_cifar10
 
 
 def test_projection_respects_epsilon() -> None:
@@ -139,13 +138,6 @@ def test_mrc_runs_in_eval_mode_and_restores_a_train_mode_model(
     assert [p.requires_grad for p in trained.parameters()] == flags
 
 
-class _ConvBNFC(TinyConvBN):
-    """conv-bn-relu-linear on 3x4x4 images, with ``stages()`` as exact MRC needs."""
-
-    def stages(self) -> list[nn.Module]:
-        return [nn.Sequential(self.conv, self.bn, nn.ReLU(), nn.Flatten()), self.fc]
-
-
 def _oracle_mrc(
     model: nn.Module, x: Tensor, y: Tensor, tensors: list[str], proto: MRCProtocol
 ) -> tuple[tuple[float, float], list[tuple[float, float]], bool]:
@@ -193,7 +185,7 @@ def test_exact_mrc_equals_a_hand_written_float64_oracle(shuffle: bool, steps: in
     """``steps``: ascent steps per epoch (RiFT's 20 over 10,000 examples); 5 and 3 over 2 batches a pass
     cross pass boundaries inside an epoch and carry a half-used pass into the next epoch."""
     torch.manual_seed(0)
-    model = NormalizedModel(_ConvBNFC()).double()
+    model = NormalizedModel(StagedConvBN()).double()
     with torch.no_grad():
         model.net.bn.weight.uniform_(0.5, 1.5)
         model.net.bn.bias.normal_(0, 0.3)
@@ -253,7 +245,7 @@ def test_select_lowest_and_bad_k() -> None:
 def fake_cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small CIFAR-10 layout written here (freezing does not need real images; no skip without them)."""
     root = tmp_path_factory.mktemp("fake_cifar")
-    _write_fake_cifar10(root, n_train=300, n_test=20)
+    write_fake_cifar10(root, n_train=300, n_test=20)
     return root
 
 

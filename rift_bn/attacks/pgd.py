@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rift_bn.config import ConfigError
 from rift_bn.models import frozen
 
 
@@ -42,6 +43,21 @@ class PGD:
     sign(g)`` is exact, so the fused ``add_(sign, alpha=alpha)`` rounds identically).
     """
 
+    @classmethod
+    def from_config(cls, acfg, key: str = "attack", train_mode: bool = False) -> PGD:
+        """The attack an ``attack``-group config describes (``eps``/``alpha`` as floats or ``"8/255"``);
+        ``key`` names the setting in error messages. The one constructor the pipeline and tools use."""
+        from rift_bn.config import pixels
+
+        return cls(
+            eps=pixels(acfg.eps, f"{key}.eps"),
+            alpha=pixels(acfg.alpha, f"{key}.alpha"),
+            steps=int(acfg.steps),
+            random_start=bool(acfg.random_start),
+            restarts=int(acfg.get("restarts", 1)),
+            train_mode=train_mode,
+        )
+
     def __init__(
         self,
         eps: float = 8 / 255,
@@ -52,11 +68,11 @@ class PGD:
         train_mode: bool = False,
     ) -> None:
         if not 0 <= eps <= 1:
-            raise ValueError(f"attack.eps={eps}: must lie in [0, 1] (pixel scale; 8/255 is the paper's)")
+            raise ConfigError(f"attack.eps={eps}: must lie in [0, 1] (pixel scale; 8/255 is the paper's)")
         if not 0 < alpha <= 1:
-            raise ValueError(f"attack.alpha={alpha}: must lie in (0, 1] (2/255 is the paper's)")
+            raise ConfigError(f"attack.alpha={alpha}: must lie in (0, 1] (2/255 is the paper's)")
         if steps < 0 or restarts < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"attack.steps={steps}, attack.restarts={restarts}: need steps >= 0, restarts >= 1"
             )
         self.eps, self.alpha, self.steps = float(eps), float(alpha), int(steps)

@@ -9,10 +9,12 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
+from rift_bn.config import ConfigError
 from rift_bn.models import candidate_modules
 from rift_bn.mrc import select_lowest
+from rift_bn.schema import BNStats
 
-BN_STATS = ("selected", "all", "none")
+BN_STATS = tuple(BNStats)
 
 
 def freeze_except(model: nn.Module, selected: Sequence[str]) -> None:
@@ -47,7 +49,7 @@ class ModuleSelection(Callback):
         bn_stats: str = "selected",
     ) -> None:
         if bn_stats not in BN_STATS:
-            raise ValueError(f"finetune.bn_stats={bn_stats}: choose one of {', '.join(BN_STATS)}")
+            raise ConfigError(f"finetune.bn_stats={bn_stats}: choose one of {', '.join(BN_STATS)}")
         self.kinds, self.k, self.mrc_rows, self.bn_stats = tuple(kinds), k, mrc_rows, bn_stats
         self.selected: list[dict[str, Any]] = []
 

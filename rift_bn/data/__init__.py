@@ -1,4 +1,5 @@
-"""Data: CIFAR-10/100 in memory, device-side augmentation, test-split access accounting."""
+"""Data: CIFAR-10/100 and Tiny-ImageNet in memory, device-side augmentation, test-split access accounting,
+and the corruption benchmarks CIFAR-10-C / CIFAR-100-C."""
 
 from rift_bn.data.cifar import (
     DATASETS,
@@ -8,6 +9,7 @@ from rift_bn.data.cifar import (
     TensorLoader,
     augment,
     augment_params,
+    class_names,
     crop_flip,
     ensure_cifar,
     fingerprint,
@@ -15,19 +17,43 @@ from rift_bn.data.cifar import (
     split_indices,
     to_float,
 )
+from rift_bn.data.corruptions import (
+    ALL_CORRUPTIONS,
+    CORRUPTIONS,
+    EXTRA_CORRUPTIONS,
+    RIFT_CORRUPTIONS,
+    SEVERITIES,
+    CorruptionAccuracy,
+    corruption_root,
+    evaluate_corruptions,
+    load_corruption,
+)
+from rift_bn.data.tiny_imagenet import read_tiny_imagenet, tiny_imagenet_classes
 
 __all__ = [
+    "ALL_CORRUPTIONS",
+    "CORRUPTIONS",
     "DATASETS",
+    "EXTRA_CORRUPTIONS",
+    "RIFT_CORRUPTIONS",
+    "SEVERITIES",
     "CIFARDataModule",
     "CIFARSpec",
+    "CorruptionAccuracy",
     "DataError",
     "TensorLoader",
     "augment",
     "augment_params",
+    "class_names",
+    "corruption_root",
     "crop_flip",
     "ensure_cifar",
+    "evaluate_corruptions",
     "fingerprint",
     "load_cifar",
+    "load_corruption",
+    "read_tiny_imagenet",
     "split_indices",
+    "tiny_imagenet_classes",
     "to_float",
 ]

@@ -1,7 +1,7 @@
-"""CIFAR-10/100 held in memory as uint8 tensors, with GPU-side augmentation.
+"""CIFAR-10/100 and Tiny-ImageNet held in memory as uint8 tensors, with GPU-side augmentation.
 
 Images stay uint8 on the host; :func:`to_float` and :func:`augment` run on the device (the
-LightningModules call :meth:`CIFARDataModule.on_device` from ``on_after_batch_transfer``).
+LightningModules call them from ``on_after_batch_transfer``).
 The test split is reachable only through :meth:`CIFARDataModule.test_tensors` and
 :meth:`CIFARDataModule.test_dataloader`, which count every access in ``test_accesses``.
 """
@@ -14,6 +14,7 @@ import pickle
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,48 +24,115 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rift_bn.errors import UserError
+from rift_bn.models import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD
+from rift_bn.schema import Dataset
+
 PAD = 4
 SIZE = 32
 
+Split = tuple[Tensor, Tensor, Tensor, Tensor]  # train_x, train_y, test_x, test_y
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A data problem the user can fix; the message is one line naming the setting and the fix."""
 
 
 @dataclass(frozen=True)
 class CIFARSpec:
-    """Where and how an official CIFAR python layout is stored."""
+    """A data set: where its official layout is stored and downloaded from, how it is read, and what a
+    model and the augmentation need to know about its images.
+
+    ``read(folder)`` returns ``(train_x, train_y, test_x, test_y)`` (uint8 ``(N, 3, image_size,
+    image_size)``, int64 labels) from the extracted ``folder``; ``class_names(folder)`` the names of
+    classes ``0..num_classes-1``. ``pad`` is the reflect padding of the random crop (RiFT: 4 for CIFAR,
+    8 for Tiny-ImageNet); ``mean``/``std`` the normalisation of :class:`rift_bn.models.NormalizedModel`.
+    """
 
     folder: str
     url: str
     md5: str
-    train_files: tuple[str, ...]
-    test_files: tuple[str, ...]
-    label_key: str
     num_classes: int
     title: str
+    read: Callable[[Path], Split]
+    class_names: Callable[[Path], list[str]]
+    image_size: int = SIZE
+    pad: int = PAD
+    mean: tuple[float, float, float] = CIFAR_MEAN
+    std: tuple[float, float, float] = CIFAR_STD
 
 
-DATASETS: dict[str, CIFARSpec] = {
-    "cifar10": CIFARSpec(
+def _read_tiny_imagenet(folder: Path) -> Split:
+    from rift_bn.data.tiny_imagenet import read_tiny_imagenet  # imports this module (DataError)
+
+    return read_tiny_imagenet(folder)
+
+
+def _tiny_imagenet_classes(folder: Path) -> list[str]:
+    from rift_bn.data.tiny_imagenet import tiny_imagenet_classes
+
+    return tiny_imagenet_classes(folder)
+
+
+def _read_cifar(
+    folder: Path, train_files: tuple[str, ...], test_files: tuple[str, ...], label_key: str
+) -> Split:
+    """An official CIFAR python layout: the pickles ``train_files`` and ``test_files`` under ``folder``."""
+    return (*_read_files(folder, train_files, label_key), *_read_files(folder, test_files, label_key))
+
+
+def _pickled_names(folder: Path, file: str, key: str) -> list[str]:
+    """The class names under ``key`` in the pickle ``folder/file`` (CIFAR's ``batches.meta``, ``meta``)."""
+    path = folder / file
+    try:
+        with open(path, "rb") as f:
+            names = _get(pickle.load(f, encoding="bytes"), key)
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError) as e:
+        raise DataError(
+            f"data.root={folder.parent}: cannot read the class names from {path} ({type(e).__name__}: {e}); "
+            f"replace {folder.name}/ with the official layout"
+        ) from None
+
+
+DATASETS: dict[Dataset, CIFARSpec] = {
+    Dataset.cifar10: CIFARSpec(
         folder="cifar-10-batches-py",
         url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
         md5="c58f30108f718f92721af3b95e74349a",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        label_key="labels",
         num_classes=10,
         title="CIFAR-10",
+        read=partial(
+            _read_cifar,
+            train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
+            test_files=("test_batch",),
+            label_key="labels",
+        ),
+        class_names=partial(_pickled_names, file="batches.meta", key="label_names"),
     ),
-    "cifar100": CIFARSpec(
+    Dataset.cifar100: CIFARSpec(
         folder="cifar-100-python",
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
         md5="eb9058c3a382ffc7106e4002c42a8d85",
-        train_files=("train",),
-        test_files=("test",),
-        label_key="fine_labels",
         num_classes=100,
         title="CIFAR-100",
+        read=partial(_read_cifar, train_files=("train",), test_files=("test",), label_key="fine_labels"),
+        class_names=partial(_pickled_names, file="meta", key="fine_label_names"),
+    ),
+    # The official zip's MD5, as avalanche, continuum and other loaders check it (torchvision has no
+    # Tiny-ImageNet); the test split is the official validation set (the official test set has no labels).
+    Dataset.tiny_imagenet: CIFARSpec(
+        folder="tiny-imagenet-200",
+        url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+        md5="90528d7ca1a48142e341f4ef8d21d0de",
+        num_classes=200,
+        title="Tiny-ImageNet",
+        read=_read_tiny_imagenet,
+        class_names=_tiny_imagenet_classes,
+        image_size=64,
+        pad=8,  # RiFT/main.py: RandomCrop(64, padding=8, padding_mode="reflect")
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
     ),
 }
 
@@ -126,7 +194,7 @@ def _download(spec: CIFARSpec, root: Path, timeout: float = 20.0) -> None:
     except Exception as e:
         raise DataError(
             f"data.root={root}: no {spec.folder}/ found and the download failed (offline? "
-            f"{type(e).__name__}); put the official {spec.title} python layout there, "
+            f"{type(e).__name__}); put the official {spec.title} layout there, "
             f"or set RIFT_BN_DATA / data.root to where it is"
         ) from None
     finally:
@@ -134,12 +202,12 @@ def _download(spec: CIFARSpec, root: Path, timeout: float = 20.0) -> None:
     if not (root / spec.folder).is_dir():
         raise DataError(
             f"data.root={root}: the download did not produce {spec.folder}/; put the official "
-            f"{spec.title} python layout there, or set RIFT_BN_DATA / data.root to where it is"
+            f"{spec.title} layout there, or set RIFT_BN_DATA / data.root to where it is"
         )
 
 
 def ensure_cifar(name: str, root: str | Path, download: bool = True) -> Path:
-    """Return ``root/<folder>``, downloading the official tarball first if it is missing."""
+    """Return ``root/<folder>``, downloading the official archive first if it is missing."""
     spec = _spec(name)
     root = Path(root).expanduser().resolve()
     folder = root / spec.folder
@@ -148,23 +216,23 @@ def ensure_cifar(name: str, root: str | Path, download: bool = True) -> Path:
     if not download:
         raise DataError(
             f"data.root={root}: no {spec.folder}/ found and data.download=false; put the official "
-            f"{spec.title} python layout there, set RIFT_BN_DATA / data.root to where it is, "
+            f"{spec.title} layout there, set RIFT_BN_DATA / data.root to where it is, "
             f"or set data.download=true"
         )
     _download(spec, root)
     return folder
 
 
-def load_cifar(name: str, root: str | Path, download: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Load ``(train_x, train_y, test_x, test_y)``: uint8 ``(N,3,32,32)`` images, int64 labels.
+def load_cifar(name: str, root: str | Path, download: bool = True) -> Split:
+    """Load data set ``name`` (any of :data:`DATASETS`) as ``(train_x, train_y, test_x, test_y)``: uint8
+    ``(N, 3, S, S)`` images (S = its ``image_size``), int64 labels.
 
-    Reads the official python pickles under ``root/<folder>`` as they are (no checksum of the
-    extracted files); downloads the official tarball only when the folder is missing.
+    Reads the official layout under ``root/<folder>`` as it is (no checksum of the extracted files);
+    downloads the official archive (checksum verified) only when the folder is missing.
     """
     spec = _spec(name)
     folder = ensure_cifar(name, root, download)
-    train_x, train_y = _read_files(folder, spec.train_files, spec.label_key)
-    test_x, test_y = _read_files(folder, spec.test_files, spec.label_key)
+    train_x, train_y, test_x, test_y = spec.read(folder)
     for y in (train_y, test_y):
         if len(y) and (int(y.min()) < 0 or int(y.max()) >= spec.num_classes):
             raise DataError(
@@ -172,6 +240,13 @@ def load_cifar(name: str, root: str | Path, download: bool = True) -> tuple[Tens
                 f"0..{spec.num_classes - 1}; is this {spec.title}? check data.name"
             )
     return train_x, train_y, test_x, test_y
+
+
+def class_names(name: str, root: str | Path, download: bool = True) -> list[str]:
+    """The names of data set ``name``'s classes in label order (CIFAR: its meta pickle; Tiny-ImageNet:
+    the sorted WordNet ids)."""
+    spec = _spec(name)
+    return spec.class_names(ensure_cifar(name, root, download))
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[Tensor, Tensor]:
@@ -206,20 +281,23 @@ def to_float(x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 def augment_params(
-    n: int, device: torch.device | str | None = None, generator: torch.Generator | None = None
+    n: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    pad: int = PAD,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Draw per-image ``(top, left, flip)``: crop offsets in ``[0, 2*PAD]`` and flip flags (p=0.5)."""
+    """Draw per-image ``(top, left, flip)``: crop offsets in ``[0, 2*pad]`` and flip flags (p=0.5)."""
     gdev = generator.device if generator is not None else device
-    top = torch.randint(0, 2 * PAD + 1, (n,), generator=generator, device=gdev)
-    left = torch.randint(0, 2 * PAD + 1, (n,), generator=generator, device=gdev)
+    top = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev)
+    left = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=gdev)
     flip = torch.rand(n, generator=generator, device=gdev) < 0.5
     return top.to(device), left.to(device), flip.to(device)
 
 
-def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
-    """Crop ``x`` (N,C,H,W) at ``(top, left)`` of its ``PAD``-pixel reflect padding; flip where ``flip``."""
+def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor, pad: int = PAD) -> Tensor:
+    """Crop ``x`` (N,C,H,W) at ``(top, left)`` of its ``pad``-pixel reflect padding; flip where ``flip``."""
     n, c, h, w = x.shape
-    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     ar_h = torch.arange(h, device=x.device)
     ar_w = torch.arange(w, device=x.device)
     rows = top[:, None] + ar_h  # (N,H)
@@ -229,14 +307,12 @@ def crop_flip(x: Tensor, top: Tensor, left: Tensor, flip: Tensor) -> Tensor:
     return padded[n_idx, c_idx, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def augment(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Random 32x32 crop after 4-pixel reflect padding plus random horizontal flip, for a whole batch."""
+def augment(x: Tensor, generator: torch.Generator | None = None, pad: int = PAD) -> Tensor:
+    """Random crop of the input's size after ``pad``-pixel reflect padding plus random horizontal flip,
+    for a whole batch (``pad``: the data set's ``CIFARSpec.pad``, 4 for CIFAR, 8 for Tiny-ImageNet)."""
     if x.shape[0] == 0:
         return x.clone()
-    return crop_flip(x, *augment_params(x.shape[0], x.device, generator))
-
-
-_augment = augment  # CIFARDataModule.on_device has a parameter named ``augment``
+    return crop_flip(x, *augment_params(x.shape[0], x.device, generator, pad), pad)
 
 
 # --------------------------------------------------------------------------- loader
@@ -375,11 +451,31 @@ class TensorLoader:
 
 
 class CIFARDataModule(lightning.LightningDataModule):
-    """CIFAR in memory: a seeded selection split (``val``) carved from the official training set.
+    """A data set of :data:`DATASETS` (CIFAR-10/100, Tiny-ImageNet) in memory: a seeded selection split
+    (``val``) carved from the official training set. ``spec`` holds its image size, crop padding and
+    normalisation.
 
     The test split is private; use :meth:`test_tensors` / :meth:`test_dataloader`, which increment
     ``test_accesses``.
     """
+
+    @classmethod
+    def from_config(cls, cfg) -> CIFARDataModule:
+        """The data module a job's config describes (``data``, ``seed``, ``at.batch_size``,
+        ``eval.batch_size``): the one constructor the pipeline and the tools use."""
+        d = cfg.data
+        return cls(
+            d.name,
+            d.root,
+            d.val_size,
+            d.train_subset,
+            d.test_subset,
+            batch_size=cfg.at.batch_size,
+            eval_batch_size=cfg.eval.batch_size,
+            seed=cfg.seed,
+            download=d.download,
+            selection_source=d.selection_source,
+        )
 
     def __init__(
         self,
@@ -443,8 +539,10 @@ class CIFARDataModule(lightning.LightningDataModule):
         if self._loaded:
             return
         train_x, train_y, test_x, test_y = load_cifar(self.name, self.root, self.download)
+        test_index = torch.arange(len(test_y))
         if self.test_subset is not None:
             test_x, test_y = test_x[: self.test_subset], test_y[: self.test_subset]
+            test_index = test_index[: self.test_subset]
         if self.selection_source == "test_half":
             if len(test_x) < 2:
                 raise DataError(
@@ -454,7 +552,7 @@ class CIFARDataModule(lightning.LightningDataModule):
             perm = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(self.seed))
             sel, rep = perm[: len(test_x) // 2], perm[len(test_x) // 2 :].sort().values
             self.val_x, self.val_y = test_x[sel], test_y[sel]
-            test_x, test_y = test_x[rep], test_y[rep]
+            test_x, test_y, test_index = test_x[rep], test_y[rep], test_index[rep]
             train_idx = torch.arange(len(train_x))
         else:
             val_idx, train_idx = split_indices(len(train_x), self.val_size, self.seed)
@@ -463,6 +561,7 @@ class CIFARDataModule(lightning.LightningDataModule):
             train_idx = train_idx[: self.train_subset]
         self.train_x, self.train_y = train_x[train_idx], train_y[train_idx]
         self._test_x, self._test_y = test_x, test_y
+        self.test_index = test_index  # positions in the official test set of the reported images
         self.fingerprint = fingerprint(
             self.train_x, self.train_y, self.val_x, self.val_y, self._test_x, self._test_y
         )
@@ -509,11 +608,3 @@ class CIFARDataModule(lightning.LightningDataModule):
         """Unshuffled loader over the test split; counted in ``test_accesses``."""
         x, y = self.test_tensors()
         return TensorLoader(x, y, self.eval_batch_size)
-
-    @staticmethod
-    def on_device(
-        x: Tensor, y: Tensor, augment: bool, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Device-side batch preparation: uint8 -> float in [0,1], then crop+flip if ``augment``."""
-        xf = to_float(x)
-        return (_augment(xf, generator) if augment else xf), y

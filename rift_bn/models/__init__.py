@@ -1,24 +1,30 @@
-"""CIFAR architectures with published parameter naming, input normalisation and model selection."""
+"""CIFAR / Tiny-ImageNet architectures: published parameter naming, input normalisation, model selection."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
+from rift_bn.config import ConfigError
 from rift_bn.models.preact_resnet import PreActResNet, PreActResNet18
 from rift_bn.models.resnet import ResNet, ResNet18, Stage
 from rift_bn.models.wide_resnet import WideResNet
+from rift_bn.schema import Kind, Model
 
 __all__ = [
     "ARCHITECTURES",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "CANDIDATE_KINDS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "Architecture",
+    "ImageSpec",
     "Normalize",
     "NormalizedModel",
     "PreActResNet",
@@ -27,12 +33,17 @@ __all__ = [
     "ResNet18",
     "Stage",
     "WideResNet",
+    "build_for",
     "build_model",
     "candidate_modules",
 ]
 
 CIFAR_MEAN: tuple[float, float, float] = (0.4914, 0.4822, 0.4465)
 CIFAR_STD: tuple[float, float, float] = (0.2471, 0.2435, 0.2616)
+# Tiny-ImageNet: the ImageNet statistics, as RiFT's code normalises it (microsoft/robustlearn
+# RiFT/main.py, dataloader.py, utils.py:evaluate_tiny_robustness). CIFAR-100 keeps CIFAR-10's, as there.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 
 class Normalize(nn.Module):
@@ -80,50 +91,78 @@ class NormalizedModel(nn.Module):
 
 @dataclass(frozen=True)
 class Architecture:
-    """A selectable architecture: ``builder(num_classes, width)`` and its standard width."""
+    """A selectable architecture: ``builder(num_classes, width, image_size)`` and its standard width."""
 
-    builder: Callable[[int, int], nn.Module]
+    builder: Callable[[int, int, int], nn.Module]
     default_width: int
     description: str
 
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "resnet18": Architecture(
-        lambda num_classes, width: ResNet18(num_classes=num_classes, width=width),
+ARCHITECTURES: dict[Model, Architecture] = {
+    Model.resnet18: Architecture(
+        lambda num_classes, width, image_size: ResNet18(num_classes, width, image_size),
         64,
         "ResNet-18 (kuangliu naming); width = channels of the first stage",
     ),
-    "preact_resnet18": Architecture(
-        lambda num_classes, width: PreActResNet18(num_classes=num_classes, width=width),
+    Model.preact_resnet18: Architecture(
+        lambda num_classes, width, image_size: PreActResNet18(num_classes, width, image_size),
         64,
         "PreAct ResNet-18; width = channels of the first stage",
     ),
-    "wrn34_10": Architecture(
-        lambda num_classes, width: WideResNet(depth=34, num_classes=num_classes, width=width),
+    Model.wrn34_10: Architecture(
+        lambda num_classes, width, image_size: WideResNet(34, num_classes, width, image_size),
         10,
         "WideResNet-34 (TRADES naming); width = widen factor",
     ),
 }
 
 
-def build_model(name: str, num_classes: int, width: int | None = None) -> NormalizedModel:
-    """Build ``NormalizedModel(<architecture>)``; ``width=None`` gives the architecture's standard width."""
+def build_model(
+    name: str,
+    num_classes: int,
+    width: int | None = None,
+    image_size: int = 32,
+    mean: Sequence[float] = CIFAR_MEAN,
+    std: Sequence[float] = CIFAR_STD,
+) -> NormalizedModel:
+    """Build ``NormalizedModel(<architecture>, mean, std)``; ``width=None`` gives the architecture's standard
+    width. ``image_size`` (input side, a multiple of 32) sizes the classifier; ``mean``/``std`` are the data
+    set's (its ``rift_bn.data.DATASETS`` entry has all three)."""
     arch = ARCHITECTURES.get(name)
     if arch is None:
-        raise ValueError(f"model={name}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
+        raise ConfigError(f"model={name}: unknown architecture; choose one of {', '.join(ARCHITECTURES)}")
     if width is None:
         width = arch.default_width
     if width < 1:
-        raise ValueError(f"model.width={width}: must be a positive integer (or null for the standard width)")
+        raise ConfigError(f"model.width={width}: must be a positive integer (or null for the standard width)")
     if num_classes < 1:
-        raise ValueError(f"num_classes={num_classes}: must be a positive integer")
-    return NormalizedModel(arch.builder(num_classes, width))
+        raise ConfigError(f"num_classes={num_classes}: must be a positive integer")
+    return NormalizedModel(arch.builder(num_classes, width, image_size), mean, std)
 
 
-CANDIDATE_KINDS: dict[str, type[nn.Module]] = {
-    "conv": nn.Conv2d,
-    "linear": nn.Linear,
-    "bn": nn.BatchNorm2d,
+class ImageSpec(Protocol):
+    """What a model needs to know of its data set (``rift_bn.data.CIFARSpec`` has it)."""
+
+    @property
+    def num_classes(self) -> int: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def mean(self) -> tuple[float, float, float]: ...
+    @property
+    def std(self) -> tuple[float, float, float]: ...
+
+
+def build_for(data: ImageSpec, name: str, width: int | None = None) -> NormalizedModel:
+    """:func:`build_model` for the data set ``data`` (its ``rift_bn.data.DATASETS`` entry): its classes,
+    image size and normalisation. The one constructor of the pipeline, the benchmarks and the report."""
+    return build_model(name, data.num_classes, width, data.image_size, data.mean, data.std)
+
+
+CANDIDATE_KINDS: dict[Kind, type[nn.Module]] = {
+    Kind.conv: nn.Conv2d,
+    Kind.linear: nn.Linear,
+    Kind.bn: nn.BatchNorm2d,
 }
 
 
@@ -135,7 +174,7 @@ def candidate_modules(model: nn.Module, kinds: set[str]) -> list[tuple[str, nn.M
     """
     unknown = set(kinds) - set(CANDIDATE_KINDS)
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"kinds={sorted(kinds)}: unknown module kind(s) {sorted(unknown)}; "
             f"choose from {', '.join(CANDIDATE_KINDS)}"
         )

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from rift_bn.errors import UserError
+
 __all__ = ["CheckpointError", "file_sha256", "load_into", "read_state_dict", "save_state_dict"]
 
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "net", "model_state_dict")
@@ -32,7 +34,7 @@ CHECKPOINT_FORMS = (
 )
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint cannot be read or does not fit the model (one-line message)."""
 
 

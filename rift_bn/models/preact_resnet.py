@@ -1,7 +1,11 @@
-"""PreAct ResNet-18 for 32x32 CIFAR inputs with the common naming (Rice et al. / RiFT checkpoints).
+"""PreAct ResNet-18 for 32x32 CIFAR (and 64x64) inputs, common naming (Rice et al. / RiFT checkpoints).
 
 Keys: ``conv1``, ``layer1.0.bn1``, ``layer1.0.conv1``, ``layer1.0.bn2``, ``layer1.0.conv2``,
 ``layer2.0.shortcut.0`` (a 1x1 ``Conv2d`` inside a ``Sequential``) ... final ``bn`` and ``linear``.
+
+RiFT's PreAct ResNet has no input-size option (``RiFT/models/preact_resnet.py``); larger inputs here follow
+its ResNet's rule (:mod:`rift_bn.models.resnet`): same stem, fixed 4x4 pool, ``linear`` over the
+flattened ``(image_size // 32)**2`` pooled cells.
 """
 
 from __future__ import annotations
@@ -38,27 +42,30 @@ class PreActBlock(nn.Module):
 
 
 class PreActResNet(FourGroupResNet):
-    """CIFAR PreAct ResNet (3x3 stem conv, four stages, final ``bn`` + relu, 4x4 average pool, ``linear``)."""
+    """CIFAR PreAct ResNet (3x3 stem conv, four stages, final ``bn`` + relu, 4x4 average pool, ``linear``).
+
+    ``image_size`` is the input's side (a multiple of 32); ``linear`` takes the flattened pooled cells."""
 
     block = PreActBlock
     stem_modules = ("conv1",)
     head_modules = ("bn", "linear")
 
-    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: int = 64) -> None:
-        super().__init__(num_classes, width)
+    def __init__(
+        self, num_blocks: list[int], num_classes: int = 10, width: int = 64, image_size: int = 32
+    ) -> None:
+        super().__init__(num_classes, width, image_size)
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         self._add_groups(num_blocks)
         self.bn = nn.BatchNorm2d(8 * width * PreActBlock.expansion)
-        self.linear = nn.Linear(8 * width * PreActBlock.expansion, num_classes)
+        self.linear = nn.Linear(self.head_features, num_classes)
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.conv1(x)
 
     def _head(self, out: Tensor) -> Tensor:
-        out = F.avg_pool2d(F.relu(self.bn(out)), 4)
-        return self.linear(out.view(out.size(0), -1))
+        return self.linear(F.avg_pool2d(F.relu(self.bn(out)), 4).flatten(1))
 
 
-def PreActResNet18(num_classes: int = 10, width: int = 64) -> PreActResNet:
-    """PreAct ResNet-18; ``width`` is the channel count of the first stage (64 = standard)."""
-    return PreActResNet([2, 2, 2, 2], num_classes=num_classes, width=width)
+def PreActResNet18(num_classes: int = 10, width: int = 64, image_size: int = 32) -> PreActResNet:
+    """PreAct ResNet-18; ``width``: first-stage channels (64 = standard); ``image_size``: the input's side."""
+    return PreActResNet([2, 2, 2, 2], num_classes=num_classes, width=width, image_size=image_size)

@@ -1,7 +1,12 @@
-"""ResNet-18 for 32x32 CIFAR inputs with the kuangliu/pytorch-cifar parameter naming.
+"""ResNet-18 for 32x32 CIFAR (and 64x64 Tiny-ImageNet) inputs with the kuangliu/pytorch-cifar naming.
 
 State-dict keys match the published adversarial-training and RiFT checkpoints exactly
 (``conv1``, ``bn1``, ``layer1.0.conv1`` ... ``layer2.0.shortcut.0`` ... ``linear``).
+
+Larger inputs follow RiFT's code (microsoft/robustlearn ``RiFT/models/resnet.py``, ``wide_resnet.py``,
+built with ``--input_size 64`` for Tiny-ImageNet): the same 3x3 stride-1 stem and strides, the same
+fixed-size average pool, and a classifier over the flattened ``(image_size // 32)**2`` pooled cells
+(``Linear(512 * 4, classes)`` for ResNet-18 at 64x64: its 8x8 last map pools 4x4 to 2x2).
 """
 
 from __future__ import annotations
@@ -10,6 +15,15 @@ from collections.abc import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def pooled_cells(image_size: int) -> int:
+    """How many cells the head's fixed-size average pool leaves: ``(image_size // 32) ** 2`` (RiFT's rule)."""
+    if image_size < 32 or image_size % 32:
+        raise ValueError(
+            f"image_size={image_size}: must be a multiple of 32 (32 for CIFAR, 64 for Tiny-ImageNet)"
+        )
+    return (image_size // 32) ** 2
 
 
 class Stage(nn.Module):
@@ -108,12 +122,15 @@ class FourGroupResNet(StagedNet):
     block: type[nn.Module] = nn.Module
     groups = ("layer1", "layer2", "layer3", "layer4")
 
-    def __init__(self, num_classes: int, width: int) -> None:
+    def __init__(self, num_classes: int, width: int, image_size: int) -> None:
         super().__init__()
         if width < 1 or num_classes < 1:
             raise ValueError(f"width={width}, num_classes={num_classes}: both must be positive")
         self.width = width
         self.num_classes = num_classes
+        self.image_size = image_size
+        # what the head's 4x4 pool leaves of the last stage, flattened
+        self.head_features = 8 * width * self.block.expansion * pooled_cells(image_size)
         self.in_planes = width
 
     def _add_groups(self, num_blocks: list[int]) -> None:
@@ -129,27 +146,31 @@ class FourGroupResNet(StagedNet):
 
 
 class ResNet(FourGroupResNet):
-    """CIFAR ResNet (3x3 stride-1 stem, four stages of ``BasicBlock``, 4x4 average pool, ``linear``)."""
+    """CIFAR ResNet (3x3 stride-1 stem, four stages of ``BasicBlock``, 4x4 average pool, ``linear``).
+
+    ``image_size`` is the input's side (a multiple of 32): the pool stays 4x4, ``linear`` takes the
+    flattened pooled cells (RiFT's rule, see the module docstring)."""
 
     block = BasicBlock
     stem_modules = ("conv1", "bn1")
     head_modules = ("linear",)
 
-    def __init__(self, num_blocks: list[int], num_classes: int = 10, width: int = 64) -> None:
-        super().__init__(num_classes, width)
+    def __init__(
+        self, num_blocks: list[int], num_classes: int = 10, width: int = 64, image_size: int = 32
+    ) -> None:
+        super().__init__(num_classes, width, image_size)
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self._add_groups(num_blocks)
-        self.linear = nn.Linear(8 * width * BasicBlock.expansion, num_classes)
+        self.linear = nn.Linear(self.head_features, num_classes)
 
     def _stem(self, x: Tensor) -> Tensor:
         return F.relu(self.bn1(self.conv1(x)))
 
     def _head(self, out: Tensor) -> Tensor:
-        out = F.avg_pool2d(out, 4)
-        return self.linear(out.view(out.size(0), -1))
+        return self.linear(F.avg_pool2d(out, 4).flatten(1))
 
 
-def ResNet18(num_classes: int = 10, width: int = 64) -> ResNet:
-    """ResNet-18; ``width`` is the channel count of the first stage (64 = standard)."""
-    return ResNet([2, 2, 2, 2], num_classes=num_classes, width=width)
+def ResNet18(num_classes: int = 10, width: int = 64, image_size: int = 32) -> ResNet:
+    """ResNet-18; ``width``: channels of the first stage (64 = standard); ``image_size``: the input's side."""
+    return ResNet([2, 2, 2, 2], num_classes=num_classes, width=width, image_size=image_size)

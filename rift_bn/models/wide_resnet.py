@@ -1,9 +1,13 @@
-"""WideResNet (default WRN-34-10) for 32x32 CIFAR inputs with the TRADES parameter naming.
+"""WideResNet (default WRN-34-10) for 32x32 CIFAR (and 64x64) inputs with the TRADES parameter naming.
 
 Keys: ``conv1``, ``block1.layer.0.bn1``, ``block1.layer.0.conv1``, ``block1.layer.0.bn2``,
 ``block1.layer.0.conv2``, ``block1.layer.0.convShortcut`` (only where in/out channels differ) ...
 final ``bn1`` and ``fc``. The unused ``sub_block1`` of the TRADES code is omitted; the keys of published
 checkpoints that carry it are ignored on import (``unused_checkpoint_prefixes``).
+
+Larger inputs as in RiFT's ``WideResNet(image_size=64)`` (``RiFT/models/wide_resnet.py``): same stem and
+strides, the fixed 8x8 average pool, ``fc`` over the flattened ``(image_size // 32)**2`` pooled cells
+(``Linear(640 * 4, classes)`` for WRN-34-10 at 64x64: its 16x16 last map pools to 2x2).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rift_bn.models.resnet import StagedNet
+from rift_bn.models.resnet import StagedNet, pooled_cells
 
 
 class WideBasicBlock(nn.Module):
@@ -64,14 +68,16 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(StagedNet):
-    """WideResNet-``depth``-``width`` (``width`` = widen factor; channels 16, 16w, 32w, 64w)."""
+    """WideResNet-``depth``-``width`` (``width`` = widen factor; channels 16, 16w, 32w, 64w).
+
+    ``image_size`` is the input's side (a multiple of 32); ``fc`` takes the flattened pooled cells."""
 
     groups = ("block1", "block2", "block3")
     stem_modules = ("conv1",)
     head_modules = ("bn1", "fc")
     unused_checkpoint_prefixes = ("sub_block1.",)  # TRADES' WRN builds it but its forward never uses it
 
-    def __init__(self, depth: int = 34, num_classes: int = 10, width: int = 10) -> None:
+    def __init__(self, depth: int = 34, num_classes: int = 10, width: int = 10, image_size: int = 32) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
             raise ValueError(f"depth={depth}: WideResNet depth must be 6n+4 with n >= 1 (e.g. 16, 28, 34)")
@@ -82,6 +88,7 @@ class WideResNet(StagedNet):
         self.depth = depth
         self.width = width
         self.num_classes = num_classes
+        self.image_size = image_size
         self.nChannels = channels[3]
         self.conv1 = nn.Conv2d(3, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1)
@@ -89,7 +96,7 @@ class WideResNet(StagedNet):
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(channels[3], num_classes)
+        self.fc = nn.Linear(channels[3] * pooled_cells(image_size), num_classes)
         self._init_weights()
 
     @torch.no_grad()
@@ -109,5 +116,4 @@ class WideResNet(StagedNet):
         return self.conv1(x)
 
     def _head(self, out: Tensor) -> Tensor:
-        out = F.avg_pool2d(self.relu(self.bn1(out)), 8)
-        return self.fc(out.view(out.size(0), -1))
+        return self.fc(F.avg_pool2d(self.relu(self.bn1(out)), 8).flatten(1))

@@ -14,6 +14,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from rift_bn.attacks import PGD
 from rift_bn.data import augment, to_float
+from rift_bn.data.cifar import PAD
+from rift_bn.errors import NonFiniteLoss
 from rift_bn.evaluate import autocast
 
 
@@ -45,8 +47,9 @@ class RobustClassifier(L.LightningModule):
     """A wrapped model whose validation reports clean and PGD accuracy (percent) once per epoch.
 
     Batches arrive as uint8; ``on_after_batch_transfer`` turns them into [0, 1] floats on the
-    training device and augments training batches there (crop + flip, batched). Training is SGD with
-    momentum over the trainable parameters, lr x ``gamma`` at each of ``milestones`` (epochs).
+    training device and augments training batches there (crop + flip, batched; :attr:`crop_pad`).
+    Training is SGD with momentum over the trainable parameters, lr x ``gamma`` at each of ``milestones``
+    (epochs).
     Validation runs in ``eval_precision`` ('32-true': float32 even under a bf16-mixed Trainer).
     """
 
@@ -86,10 +89,17 @@ class RobustClassifier(L.LightningModule):
         x, y = batch
         x = to_float(x)
         if self.trainer is not None and self.trainer.training:
-            x = augment(x)
+            x = augment(x, pad=self.crop_pad)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
+
+    @property
+    def crop_pad(self) -> int:
+        """The random crop's padding: that of the data set being fitted (``CIFARDataModule.spec.pad``: 4
+        for CIFAR, 8 for Tiny-ImageNet), CIFAR's without a data module."""
+        spec = getattr(self.trainer.datamodule, "spec", None)
+        return PAD if spec is None else spec.pad
 
     def cross_entropy_step(self, x: Tensor, y: Tensor, batch_idx: int, stage: str, setting: str) -> Tensor:
         """Mean cross-entropy on ``x``; logs ``train/loss`` and ``train/<acc_name>`` per epoch."""
@@ -111,7 +121,7 @@ class RobustClassifier(L.LightningModule):
         if loss.device.type != "cpu" and batch_idx % 25:
             return
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteLoss(
                 f"{stage}: loss is {loss.item()} at epoch {self.current_epoch}, batch {batch_idx}; "
                 f"lower {setting}"
             )

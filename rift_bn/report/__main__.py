@@ -14,39 +14,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m rift_bn.report",
         description="Gather every results.json below the given run/sweep folders and write Table 1 "
-        "(Markdown + CSV), Figures 1-3, MRC charts and interpolation curves into a report folder. Runs are "
-        "averaged over seeds only within one experiment (same config up to the seed); several experiments "
-        "get separate table sections and figures. Duplicate jobs count once (the newest); job folders "
-        "without results.json are listed as missing.",
+        "(Markdown + CSV, with paired statistics where the runs saved per-image outcomes), the paired "
+        "RiFT-with-BN-vs-RiFT table, Figures 1-3, MRC charts and interpolation curves into a report folder. "
+        "Runs are averaged over seeds only within one experiment (the experiment each run stored); several "
+        "experiments get separate table sections and figures. Duplicate jobs count once (the newest); job "
+        "folders without results.json are listed as missing.",
     )
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run or sweep folders (searched recursively)")
     p.add_argument("--out", default=None, help="report folder (default: <first DIR>/report)")
-    p.add_argument("--no-kde", action="store_true", help="skip Figure 3 (needs checkpoints, data and PGD)")
+    p.add_argument(
+        "--no-kde", action="store_true", help="skip Figure 3 (drawn from the runs' bn_outputs.npz)"
+    )
     p.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
-    p.add_argument(
-        "--kde-images", type=int, default=256, help="selection-split images for Figure 3 (default 256)"
-    )
-    p.add_argument(
-        "--kde-per-model-attack",
-        action="store_true",
-        help="Figure 3: attack each model itself (default: make the adversarial examples once, on the base "
-        "model, with the runs' own attack settings, and feed them to every model)",
-    )
-    p.add_argument("--device", default=None, help="torch device for Figure 3 (default: cuda if available)")
     a = p.parse_args(argv)
 
     from rift_bn.report.build import make_report
 
     try:
-        report = make_report(
-            a.dirs,
-            a.out,
-            kde=not a.no_kde,
-            wandb=not a.no_wandb,
-            kde_images=a.kde_images,
-            device=a.device,
-            kde_per_model_attack=a.kde_per_model_attack,
-        )
+        report = make_report(a.dirs, a.out, kde=not a.no_kde, wandb=not a.no_wandb)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

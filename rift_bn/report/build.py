@@ -14,14 +14,15 @@ from rift_bn.report.collect import (
     LAYER_TYPE_METHODS,
     METHOD_LABELS,
     TOPK_METHODS,
-    Experiment,
+    ExperimentRuns,
+    Run,
     check_one_experiment,
     dataset_label,
-    estimator,
     experiments,
     load,
     wandb_target,
 )
+from rift_bn.report.corruptions import figure_corruptions, write_corruption_tables
 from rift_bn.report.figures import plot_bn_kde, plot_interpolation, plot_layer_types, plot_mrc, save
 from rift_bn.report.table import write_tables
 
@@ -37,26 +38,28 @@ __all__ = [
 
 @dataclass
 class Report:
-    """What :func:`make_report` produced: tables, figures (by file stem), written files, skipped items.
+    """What :func:`make_report` produced: tables (``comparison``: RiFT with BN vs RiFT, paired), figures
+    (by file stem), written files, skipped items.
 
     ``notes`` (one line each: skipped files, duplicate jobs, ``missing:`` job folders) are also in
     ``table1.md``; ``missing`` are the Hydra job folders without a ``results.json``.
     """
 
     out: Path
-    runs: list[dict]
+    runs: list[Run]
     table1: pd.DataFrame
     layer_types: pd.DataFrame
+    comparison: pd.DataFrame
     figures: dict[str, Figure] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     wandb_dir: str | None = None
-    experiments: list[Experiment] = field(default_factory=list)
+    experiments: list[ExperimentRuns] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     missing: list[Path] = field(default_factory=list)
 
 
-def _title(e: Experiment, what: str, exps: Sequence[Experiment]) -> str:
+def _title(e: ExperimentRuns, what: str) -> str:
     """``CIFAR-10 (resnet18, width 16; scale=cpu): what``: model/width only when the dataset has several."""
     extra = [f"{e.setting[1]}, width {e.setting[2]}"] if e.setting_tag != e.setting[0] else []
     extra += [e.label] if e.label else []
@@ -64,19 +67,19 @@ def _title(e: Experiment, what: str, exps: Sequence[Experiment]) -> str:
     return f"{dataset_label(e.setting[0])}{detail}: {what}"
 
 
-def figure_layer_types(runs: list[dict], title: str = "") -> Figure | None:
+def figure_layer_types(runs: list[Run], title: str = "") -> Figure | None:
     """Figures 1-2 for one experiment, or ``None`` when it has no layer-type runs with a history."""
     check_one_experiment(runs, "figure_layer_types")
-    lt = [r for r in runs if r.get("method") in LAYER_TYPE_METHODS and r.get("history")]
+    lt = [r for r in runs if r.method in LAYER_TYPE_METHODS and r.results.history]
     return plot_layer_types(lt, title or None) if lt else None
 
 
-def figure_interpolation(runs: list[dict], title: str = "") -> Figure | None:
+def figure_interpolation(runs: list[Run], title: str = "") -> Figure | None:
     """Interpolation curves (two or more alphas) of one experiment's RiFT / RiFT-with-BN runs, else of its
     other fine-tuned runs; ``None`` when there are none."""
     check_one_experiment(runs, "figure_interpolation")
-    rs = [r for r in runs if r.get("stage") == "finetune" and len(r.get("interpolation") or []) > 1]
-    topk = [r for r in rs if r.get("method") in TOPK_METHODS]
+    rs = [r for r in runs if r.method and len(r.results.interpolation) > 1]
+    topk = [r for r in rs if r.method in TOPK_METHODS]
     return plot_interpolation(topk or rs, title or None) if rs else None
 
 
@@ -85,22 +88,22 @@ def _completeness(row: dict) -> tuple[bool, int]:
     return row.get("status", "exact") == "exact", int(row.get("epochs_run") or 0)
 
 
-def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
+def figure_mrc(runs: list[Run], method: str, title: str = "") -> Figure | None:
     """MRC chart of one method in one experiment (lowest seed; every estimator present side by side).
 
     Selected modules are those of the run with the largest k (rank 1 = lowest MRC).
     """
     check_one_experiment(runs, "figure_mrc")
-    rs = [r for r in runs if r.get("method") == method and r.get("mrc")]
+    rs = [r for r in runs if r.method == method and r.results.mrc]
     if not rs:
         return None
-    seed = min(r.get("seed") or 0 for r in rs)
-    rs = [r for r in rs if (r.get("seed") or 0) == seed]
+    seed = min(r.seed for r in rs)
+    rs = [r for r in rs if r.seed == seed]
     tables: dict[str, list[dict]] = {}
-    for r in sorted(rs, key=lambda r: -(r.get("k") or 0)):
+    for r in sorted(rs, key=lambda r: -(r.k or 0)):
         rows_by_est: dict[str, list[dict]] = {}
-        for row in r["mrc"]:
-            rows_by_est.setdefault(str(row.get("estimator") or estimator(r)), []).append(row)
+        for row in r.results.mrc:
+            rows_by_est.setdefault(str(row.get("estimator") or r.estimator), []).append(row)
         for est, rows in rows_by_est.items():
             if est not in tables:
                 tables[est] = list(rows)
@@ -114,8 +117,8 @@ def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
                     tables[est][j] = row
     tables = dict(sorted(tables.items(), key=lambda kv: (kv[0] != "exact", kv[0])))
     first_est = next(iter(tables))
-    top = max((r for r in rs if estimator(r) == first_est), key=lambda r: r.get("k") or 0, default=rs[0])
-    selected = [s["name"] for s in top.get("selected") or []]
+    top = max((r for r in rs if r.estimator == first_est), key=lambda r: r.k or 0, default=rs[0])
+    selected = [s["name"] for s in top.results.selected]
     only = f" ({first_est} estimate)" if len(tables) == 1 and first_est != "exact" else ""
     full_title = (
         title or METHOD_LABELS.get(method, method)
@@ -123,67 +126,56 @@ def figure_mrc(runs: list[dict], method: str, title: str = "") -> Figure | None:
     return plot_mrc(tables, selected, full_title)
 
 
-def _experiment_figures(
-    e: Experiment,
-    exps: Sequence[Experiment],
-    kde: bool,
-    kde_images: int,
-    device: str | None,
-    kde_per_model_attack: bool = False,
-) -> list[tuple[str, Figure | None, str]]:
+def _experiment_figures(e: ExperimentRuns, kde: bool) -> list[tuple[str, Figure | None, str]]:
     """``(stem template, figure or None, why not)`` for one experiment; ``{tag}`` marks the tag's place."""
     rs = e.runs
     mrc_methods = [
         *TOPK_METHODS,
-        *sorted({str(r.get("method")) for r in rs if r.get("mrc")} - set(TOPK_METHODS)),
+        *sorted({str(r.method) for r in rs if r.results.mrc} - set(TOPK_METHODS)),
     ]
     wanted: list[tuple[str, Figure | None, str]] = [
         (
             "fig_layer_types_{tag}",
-            figure_layer_types(rs, _title(e, "fine-tuning by layer type (selection split)", exps)),
+            figure_layer_types(rs, _title(e, "fine-tuning by layer type (selection split)")),
             "no layer-type runs (bn_only / conv_linear_only / full)",
         ),
         (
             "fig_interpolation_{tag}",
-            figure_interpolation(rs, _title(e, "interpolation (selection split)", exps)),
+            figure_interpolation(rs, _title(e, "interpolation (selection split)")),
             "no interpolation curves (fine-tuned runs with two or more interpolation.alphas)",
         ),
         *(
             (
                 "fig_mrc_{tag}_" + m,
-                figure_mrc(rs, m, _title(e, f"MRC, {METHOD_LABELS.get(m, m)}", exps)),
+                figure_mrc(rs, m, _title(e, f"MRC, {METHOD_LABELS.get(m, m)}")),
                 f"no {m} runs with an MRC table",
             )
             for m in mrc_methods
         ),
     ]
     if kde:
-        fig_why = _kde_figure(rs, _title(e, "", exps), kde_images, device, kde_per_model_attack)
-        wanted.append(("fig_bn_kde_{tag}", *fig_why))
+        wanted.append(("fig_bn_kde_{tag}", *_kde_figure(rs, _title(e, ""))))
     else:
         wanted.append(("fig_bn_kde_{tag}", None, "--no-kde"))
+    shift = figure_corruptions(rs, _title(e, "accuracy under common corruptions (test set)"))
+    if shift is not None:  # only experiments run with eval.corruptions
+        wanted.append(("fig_corruptions_{tag}", shift, ""))
     return wanted
 
 
 def report_figures(
-    runs: list[dict],
-    kde: bool = True,
-    kde_images: int = 256,
-    device: str | None = None,
-    log: Callable[[str], None] = print,
-    kde_per_model_attack: bool = False,
+    runs: list[Run], kde: bool = True, log: Callable[[str], None] = print
 ) -> tuple[dict[str, Figure], dict[str, str]]:
     """Every figure for ``runs``, one set per experiment, by file stem; and ``{stem: reason}`` for those
-    that could not be drawn. Figure 3's adversarial examples are made once on the base model, or against
-    each model with ``kde_per_model_attack`` (:func:`rift_bn.report.kde.kde_samples`).
+    that could not be drawn. Figure 3 is drawn from the BN outputs the runs saved
+    (:func:`rift_bn.report.kde.kde_samples`).
 
     A stem carries the setting's tag (``fig_interpolation_cifar10``) when one experiment of that setting has
     the figure, and each experiment's tag (``..._cifar10_exp2``) when several have it.
     """
-    exps = experiments(runs)
-    made: dict[tuple[str, str], list[tuple[Experiment, Figure | None, str]]] = {}
-    for e in exps:
-        for template, fig, why in _experiment_figures(e, exps, kde, kde_images, device, kde_per_model_attack):
+    made: dict[tuple[str, str], list[tuple[ExperimentRuns, Figure | None, str]]] = {}
+    for e in experiments(runs):
+        for template, fig, why in _experiment_figures(e, kde):
             made.setdefault((e.setting_tag, template), []).append((e, fig, why))
     figures: dict[str, Figure] = {}
     skipped: dict[str, str] = {}
@@ -207,17 +199,13 @@ def make_report(
     out: str | os.PathLike[str] | None = None,
     kde: bool = True,
     wandb: bool = True,
-    kde_images: int = 256,
-    device: str | None = None,
     log: Callable[[str], None] = print,
-    kde_per_model_attack: bool = False,
 ) -> Report:
     """Gather ``results.json`` below ``dirs``; write tables and figures to ``out`` (default: DIR/report).
 
     Runs are pooled over seeds only within one experiment (same config up to the seed): each experiment
-    gets its own table section and figures. Figure 3 needs the runs' checkpoints and data (else skipped
-    with the reason); its adversarial examples are made once on the base model with the runs' attack, or
-    against each model with ``kde_per_model_attack``. W&B logging happens only when the runs logged to W&B.
+    gets its own table section and figures. Figure 3 is drawn from the BN outputs the runs saved (else
+    skipped with the reason). W&B logging happens only when the runs logged to W&B.
     """
     if not dirs:
         raise ValueError("give at least one run or sweep directory")
@@ -229,54 +217,44 @@ def make_report(
     if not runs:
         failed = f" ({len(loaded.missing)} job folder(s) without one)" if loaded.missing else ""
         raise FileNotFoundError(f"no complete results.json below {', '.join(map(str, dirs))}{failed}")
-    n_ft = sum(r.get("stage") == "finetune" for r in runs)
+    n_ft = sum(bool(r.method) for r in runs)
     exps = experiments(runs)
     log(f"{len(runs)} run(s) ({n_ft} fine-tuned, {len(exps)} experiment(s)) from {len(dirs)} folder(s)")
-    t1, lt, files = write_tables(runs, out_dir, log, loaded.notes)
-    figures, skipped = report_figures(runs, kde, kde_images, device, log, kde_per_model_attack)
+    t1, lt, comparison, files = write_tables(runs, out_dir, log, loaded.notes)
+    files += write_corruption_tables(runs, out_dir)  # eval.corruptions runs only
+    figures, skipped = report_figures(runs, kde, log)
     for stem, fig in figures.items():
         files += save(fig, out_dir, stem)
-    report = Report(out_dir, runs, t1, lt, figures, files, skipped, None, exps, loaded.notes, loaded.missing)
+    report = Report(
+        out_dir, runs, t1, lt, comparison, figures, files, skipped, None, exps, loaded.notes, loaded.missing
+    )
     if wandb:
         report.wandb_dir = _log_wandb(report, log, first)
     return report
 
 
-def _kde_figure(
-    runs: list[dict], prefix: str, n_images: int, device: str | None, per_model_attack: bool = False
-) -> tuple[Figure | None, str]:
+def _kde_figure(runs: list[Run], prefix: str) -> tuple[Figure | None, str]:
     from rift_bn.report.kde import FINETUNED, bn_stats_text, kde_samples, plan_kde
 
     plan, why = plan_kde(runs)
     if plan is None:
         return None, why
     try:
-        samples = kde_samples(
-            plan,
-            n_images=n_images,
-            device=device,
-            seed=int(plan.rift_bn.get("seed") or 0),
-            per_model_attack=per_model_attack,
-        )
-    except Exception as exc:  # missing checkpoint or data, or a checkpoint that does not fit: skip, say why
-        return None, f"{type(exc).__name__}: {exc}"
-    made = (
-        "made against each model (white-box)"
-        if plan.per_model_attack
-        else "made once on the base model (init) and fed to every model"
-    )
+        samples = kde_samples(plan)
+    except (OSError, ValueError) as exc:  # a run without the file, or files that do not match: say why
+        return None, str(exc)
     lines = [
-        f"{prefix.rstrip(': ')}, top-{plan.k}, seed {plan.rift_bn.get('seed')}: BN outputs on adversarial "
+        f"{prefix.rstrip(': ')}, top-{plan.k}, seed {plan.rift_bn.seed}: BN outputs on adversarial "
         f"examples of {plan.images} selection-split images",
-        f"Examples: the runs' attack, {plan.attack}, {made}. {bn_stats_text(plan)}.",
+        f"Examples: the runs' attack, {plan.attack}, made once on the base model (init) and fed to every "
+        f"model. {bn_stats_text(plan)}.",
         f"Layers: {plan.layer_reason}.",
-        *(f"Note: {n}." for n in [*plan.omitted, plan.data_note] if n),
     ]
     legend: dict[str, str] = {}
     for label, r in (("RiFT", plan.rift), ("RiFT with BN", plan.rift_bn)):
-        if r.get("alpha") is None:
+        if r.results.alpha is None:
             continue
-        a = float(r["alpha"])
+        a = float(r.results.alpha)
         same = {0.0: " = init", 1.0: " = fine-tuned"}.get(a, "")
         legend[label] = f"{label} $\\theta(\\alpha^*)$, $\\alpha^*$={a:g}{same}"
         legend[FINETUNED[label]] = f"{label} fine-tuned ($\\alpha$=1)"
@@ -310,6 +288,8 @@ def _log_wandb(report: Report, log: Callable[[str], None], first: Path | None = 
     )
     try:
         run.log({"table1": wandb.Table(dataframe=report.table1.astype({"k": "float"}))})
+        if not report.comparison.empty:
+            run.log({"rift_vs_rift_bn": wandb.Table(dataframe=report.comparison)})
         if not report.layer_types.empty:
             run.log({"layer_types": wandb.Table(dataframe=report.layer_types.astype({"k": "float"}))})
         run.log({stem: wandb.Image(str(report.out / f"{stem}.png")) for stem in report.figures})

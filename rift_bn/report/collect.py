@@ -1,26 +1,33 @@
-"""Gather ``results.json`` files below run/sweep directories and describe each run for tables and figures.
+"""Gather ``results.json`` files below run/sweep directories as typed records (:mod:`rift_bn.results`).
 
-Runs are pooled over seeds only within one *experiment*: the same resolved config up to ``seed``, the
-table's own rows (``method``, ``k``, ``stage``, ``finetune.bn_stats``, ``mrc.estimator``) and the settings
-that change no number (:data:`NON_RESULT_KEYS`); a user-given ``base.checkpoint`` may differ only by the
-seed in its path. ``finetune.bn_stats`` (which BN layers' running statistics adapt while fine-tuning) is a
-row of Table 1, not an experiment: RiFT (``all`` by default) and RiFT with BN (``selected``) are compared in
-one table, and a sweep over ``finetune.bn_stats`` gives one row per mode.
+Runs are pooled over seeds only within one *experiment*: the ``experiment.group`` each run stored
+(:func:`rift_bn.results.experiment_key`: the same resolved config up to the seed, the table's own rows and
+the settings that change no number; files written before it have it computed when they load). A base-only
+run (``stage=at``) is shown with the fine-tuned runs of its base checkpoint. ``finetune.bn_stats`` (which BN
+layers' running statistics adapt while fine-tuning) is a row of Table 1, not an experiment: RiFT (``all``
+by default) and RiFT with BN (``selected``) are compared in one table, and a sweep over
+``finetune.bn_stats`` gives one row per mode.
+
+A run that wrote ``outcomes.npz`` (which test images the base and the final model get right) brings it
+along (:attr:`Run.outcomes`) for the paired statistics; older runs have none.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
 import os
-import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rift_bn.config import NON_RESULT_KEYS
+import numpy as np
+
+from rift_bn.results import Experiment, Results, ResultsError, experiment_config, read_outcomes
+from rift_bn.results import load as load_results
+from rift_bn.stats import percent
 
 __all__ = [
     "BN_STATS_TEXT",
@@ -29,30 +36,25 @@ __all__ = [
     "LAYER_TYPE_METHODS",
     "METHOD_LABELS",
     "MISSING_REASON",
-    "NON_RESULT_KEYS",
+    "OUTCOME_ARRAYS",
     "TOPK_METHODS",
-    "Experiment",
+    "ExperimentRuns",
     "Loaded",
+    "Run",
     "Setting",
-    "bn_stats",
+    "attack_text",
     "bn_stats_label",
     "bn_stats_order",
     "check_one_experiment",
     "dataset_label",
     "dedupe",
-    "estimator",
-    "experiment_config",
-    "experiment_key",
     "experiments",
     "find_missing",
     "find_results",
-    "interpolation_alphas",
     "load",
     "load_runs",
-    "row_estimator",
-    "setting",
+    "read_run",
     "setting_label",
-    "source_folder",
     "wandb_target",
 ]
 
@@ -67,18 +69,6 @@ METHOD_LABELS: dict[str, str] = {
     "full": "Full",
 }
 DATASET_LABELS: dict[str, str] = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}
-# The table's own rows (and the stage): runs differing only here (and in seed) are one experiment.
-ROW_KEYS: tuple[str, ...] = (
-    "seed",
-    "k",
-    "stage",
-    "method.name",
-    "method.kinds",
-    "method.selection",
-    "method.bn_stats",
-    "finetune.bn_stats",
-    "mrc.estimator",
-)
 # finetune.bn_stats: what each mode means, and each method's default (rift = the original RiFT code).
 BN_STATS_TEXT: dict[str, str] = {
     "all": "every BN layer's running statistics adapt (finetune.bn_stats=all, as the original RiFT code)",
@@ -89,8 +79,89 @@ DEFAULT_BN_STATS: dict[str, str] = {"rift": "all", "rift_bn": "selected"}
 _BN_STATS_ORDER = ("all", "selected", "none")
 MISSING_REASON = "no results.json; the job failed or is still running"
 _HIDDEN_CHOICES = ("method", "logger")  # Hydra group choices that never tell experiments apart
+# outcomes.npz: the arrays the report reads (AutoAttack's, when present, are not used)
+OUTCOME_ARRAYS: tuple[str, ...] = ("test_index", "base_clean", "base_robust", "final_clean", "final_robust")
 
 Setting = tuple[str, str, Any]  # (dataset, model, width)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run as the report reads it: its record, its ``results.json``, that file's time, Hydra's group
+    choices of its job (scale, experiment, ...) and its per-image test outcomes (None without them)."""
+
+    results: Results
+    path: Path
+    mtime: float = 0.0
+    choices: Mapping[str, str] = field(default_factory=dict)
+    outcomes: Mapping[str, np.ndarray] | None = None
+
+    @property
+    def experiment(self) -> Experiment:
+        return self.results.experiment
+
+    @property
+    def seed(self) -> int:
+        return self.experiment.seed
+
+    @property
+    def method(self) -> str | None:
+        """The fine-tuning method (None for a base-only run)."""
+        return self.experiment.method if self.experiment.stage == "finetune" else None
+
+    @property
+    def k(self) -> int | None:
+        return self.experiment.k
+
+    @property
+    def bn_stats(self) -> str:
+        """``finetune.bn_stats`` (``""`` for a base-only run)."""
+        return (self.experiment.bn_stats or "") if self.method else ""
+
+    @property
+    def setting(self) -> Setting:
+        """``(dataset, model, width)``."""
+        return (self.experiment.dataset, self.experiment.model, self.experiment.width)
+
+    @property
+    def estimator(self) -> str:
+        """The MRC estimator the run used (``exact`` unless its MRC rows or its config say otherwise)."""
+        rows = self.results.mrc
+        if rows and rows[0].get("estimator"):
+            return str(rows[0]["estimator"])
+        return str((self.results.config.get("mrc") or {}).get("estimator") or "exact")
+
+    @property
+    def row_estimator(self) -> str:
+        """The estimator as a table row key: only MRC-selected runs (``k`` set, rift, rift_bn) have one."""
+        return self.estimator if self.k is not None or self.method in TOPK_METHODS else ""
+
+    @property
+    def interpolation_alphas(self) -> list[float]:
+        """The run's ``interpolation.alphas`` (from its config, else from its interpolation curve)."""
+        alphas = (self.results.config.get("interpolation") or {}).get("alphas")
+        if alphas is None:
+            alphas = sorted({p["alpha"] for p in self.results.interpolation})
+        return [float(a) for a in alphas]
+
+    @property
+    def test_index(self) -> np.ndarray:
+        """The test images the run was scored on (positions in the test set), from its outcomes."""
+        return self._outcome("test_index")
+
+    def correct(self, model: str, metric: str) -> np.ndarray:
+        """Per test image, whether ``model`` (``base`` or ``final``) got it right under ``metric``
+        (``clean`` or ``robust``)."""
+        return self._outcome(f"{model}_{metric}")
+
+    def _outcome(self, key: str) -> np.ndarray:
+        if self.outcomes is None:
+            raise ValueError(f"{self.path}: no per-image outcomes (outcomes.npz)")
+        return self.outcomes[key]
+
+    def beside(self, name: str) -> Path:
+        """A file the run wrote beside its ``results.json`` (a record's relative file name)."""
+        return self.path.parent / name
 
 
 def find_results(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> list[Path]:
@@ -128,15 +199,6 @@ def find_missing(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = 
     return list(found)
 
 
-def _width(r: dict) -> Any:
-    return r.get("width", ((r.get("config") or {}).get("model") or {}).get("width"))
-
-
-def setting(r: dict) -> Setting:
-    """``(dataset, model, width)``."""
-    return (str(r.get("dataset")), str(r.get("model")), _width(r))
-
-
 def setting_label(s: Setting) -> str:
     """``CIFAR-10, resnet18 (width 16)``."""
     dataset, model, width = s
@@ -145,28 +207,6 @@ def setting_label(s: Setting) -> str:
 
 def dataset_label(name: str) -> str:
     return DATASET_LABELS.get(name, name)
-
-
-def estimator(r: dict) -> str:
-    """The MRC estimator the run used (``exact`` unless the config or its MRC rows say otherwise)."""
-    rows = r.get("mrc") or []
-    if rows and rows[0].get("estimator"):
-        return str(rows[0]["estimator"])
-    return str(((r.get("config") or {}).get("mrc") or {}).get("estimator") or "exact")
-
-
-def bn_stats(r: dict) -> str:
-    """The fine-tuning run's ``finetune.bn_stats`` (``""`` for a base-model-only run).
-
-    Read from the top-level ``bn_stats``, else from ``config.finetune.bn_stats``; runs written before either
-    existed used ``selected`` for every method.
-    """
-    if r.get("stage") != "finetune":
-        return ""
-    if r.get("bn_stats"):
-        return str(r["bn_stats"])
-    cfg = (r.get("config") or {}).get("finetune") or {}
-    return str(cfg.get("bn_stats") or "selected")
 
 
 def bn_stats_order(method: str, mode: str) -> tuple[int, int, str]:
@@ -180,74 +220,24 @@ def bn_stats_label(mode: str) -> str:
     return f" (BN stats: {mode})" if mode else ""
 
 
-def row_estimator(r: dict) -> str:
-    """The estimator as a table row key: only MRC-selected runs (``k`` set, or rift / rift_bn) have one."""
-    if r.get("stage") == "finetune" and (r.get("k") is not None or r.get("method") in TOPK_METHODS):
-        return estimator(r)
-    return ""
-
-
-def interpolation_alphas(r: dict) -> list[float]:
-    """The run's ``interpolation.alphas`` (from its config, else from its interpolation curve)."""
-    alphas = ((r.get("config") or {}).get("interpolation") or {}).get("alphas")
-    if alphas is None:
-        alphas = sorted({p["alpha"] for p in r.get("interpolation") or [] if "alpha" in p})
-    return [float(a) for a in alphas]
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _dropped(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in (*NON_RESULT_KEYS, *ROW_KEYS))
-
-
-def experiment_config(r: dict) -> dict[str, Any]:
-    """The run's resolved config as ``{dotted key: value}`` without seed, row keys and non-result keys.
-
-    A given ``base.checkpoint`` path has the run's seed replaced by ``{seed}``, so per-seed checkpoints
-    (``base-0.pt``, ``base-1.pt``) belong to one experiment.
-    """
-    flat = {k: v for k, v in _flatten(r.get("config") or {}).items() if not _dropped(k)}
-    flat.setdefault("data.name", r.get("dataset"))
-    flat.setdefault("model.name", r.get("model"))
-    flat.setdefault("model.width", _width(r))
-    ckpt, seed = flat.get("base.checkpoint"), r.get("seed")
-    if isinstance(ckpt, str) and seed is not None:
-        flat["base.checkpoint"] = re.sub(rf"(?<![0-9]){int(seed)}(?![0-9])", "{seed}", ckpt)
-    return flat
-
-
-def experiment_key(r: dict) -> str:
-    """Stable digest of :func:`experiment_config`: equal for runs that may be pooled over seeds."""
-    text = json.dumps(experiment_config(r), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _keys(runs: Sequence[dict]) -> list[str]:
-    """Experiment key per run; a base-only (``stage=at``) run joins the fine-tuned runs sharing its base."""
-    keys = [experiment_key(r) for r in runs]
+def _groups(runs: Sequence[Run]) -> list[str]:
+    """The stored experiment group per run; a base-only (``stage=at``) run joins the one group of the
+    fine-tuned runs sharing its base checkpoint."""
+    groups = [r.experiment.group for r in runs]
     by_ckpt: dict[str, set[str]] = {}
-    for r, key in zip(runs, keys, strict=True):
-        if r.get("stage") == "finetune" and (r.get("base") or {}).get("checkpoint"):
-            by_ckpt.setdefault(str(r["base"]["checkpoint"]), set()).add(key)
+    for r in runs:
+        if r.method:
+            by_ckpt.setdefault(r.results.base["checkpoint"], set()).add(r.experiment.group)
     for i, r in enumerate(runs):
-        found = by_ckpt.get(str((r.get("base") or {}).get("checkpoint")), set())
-        if r.get("stage") != "finetune" and len(found) == 1:
-            keys[i] = next(iter(found))
-    return keys
+        found = by_ckpt.get(r.results.base["checkpoint"], set())
+        if not r.method and len(found) == 1:
+            groups[i] = next(iter(found))
+    return groups
 
 
-def source_folder(r: dict) -> Path:
+def source_folder(r: Run) -> Path:
     """The sweep folder of a run (the parent holding ``multirun.yaml``), else its own job folder."""
-    job = Path(r["_path"]).parent
+    job = r.path.parent
     return job.parent if (job.parent / "multirun.yaml").exists() else job
 
 
@@ -259,17 +249,17 @@ def _show(p: Path) -> str:
 
 
 @dataclass
-class Experiment:
-    """Runs that are the same experiment up to the seed (see the module docstring)."""
+class ExperimentRuns:
+    """The runs of one experiment (see the module docstring) and how the report names it."""
 
-    key: str
+    key: str  # the experiment group
     setting: Setting
-    runs: list[dict]
+    runs: list[Run]
     tag: str = ""  # file-name tag: setting_tag, + ``_expN`` when the setting has several experiments
     setting_tag: str = ""  # the dataset, + ``_<model>_w<width>`` when the dataset has several settings
     label: str = ""  # what sets it apart from the other experiments of its setting ("" when alone)
     config: dict[str, Any] = field(default_factory=dict)  # experiment_config of a fine-tuned run
-    choices: dict[str, str] = field(default_factory=dict)  # Hydra group choices (scale, experiment, ...)
+    choices: Mapping[str, str] = field(default_factory=dict)  # Hydra group choices (scale, experiment, ...)
 
     @property
     def title(self) -> str:
@@ -278,11 +268,11 @@ class Experiment:
 
     @property
     def seeds(self) -> list[int]:
-        return sorted({int(r["seed"]) for r in self.runs if r.get("seed") is not None})
+        return sorted({r.seed for r in self.runs})
 
     @property
     def folders(self) -> list[str]:
-        return sorted({_show(source_folder(r)) for r in self.runs if r.get("_path")})
+        return sorted({_show(source_folder(r)) for r in self.runs})
 
 
 def _short(v: Any, n: int = 40) -> str:
@@ -290,7 +280,7 @@ def _short(v: Any, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _differences(exps: Sequence[Experiment]) -> list[tuple[str, str]]:
+def _differences(exps: Sequence[ExperimentRuns]) -> list[tuple[str, str]]:
     """``("choice", group)`` for Hydra choices and ``("config", key)`` for config keys whose values differ
     between ``exps``; a config key that is a function of the choices (e.g. set by ``scale=cpu``) is left out.
     """
@@ -307,7 +297,7 @@ def _differences(exps: Sequence[Experiment]) -> list[tuple[str, str]]:
     return diff
 
 
-def _label(e: Experiment, diff: Sequence[tuple[str, str]], most: int = 4) -> str:
+def _label(e: ExperimentRuns, diff: Sequence[tuple[str, str]], most: int = 4) -> str:
     """``scale=cpu, interpolation.alphas=[1.0]``: this experiment's values of the differing settings."""
     items = [
         f"{name}={e.choices.get(name, 'null')}" if src == "choice" else f"{name}={_short(e.config.get(name))}"
@@ -316,23 +306,22 @@ def _label(e: Experiment, diff: Sequence[tuple[str, str]], most: int = 4) -> str
     return ", ".join(items[:most]) + (f", +{len(items) - most} more" if len(items) > most else "")
 
 
-def experiments(runs: Sequence[dict]) -> list[Experiment]:
+def experiments(runs: Sequence[Run]) -> list[ExperimentRuns]:
     """The runs grouped into experiments, with tags and distinguishing labels.
 
     Experiments are ordered (and numbered, ``_exp1``, ``_exp2``) by the path of their first
     ``results.json``, then in first-seen order: the same runs get the same tags whatever order their
     folders were given in (``python -m rift_bn.report A B``, ``... B A``, their parent, the notebook).
     """
-    found: dict[str, Experiment] = {}
-    for r, key in zip(runs, _keys(runs), strict=True):
-        e = found.setdefault(key, Experiment(key, setting(r), []))
-        e.runs.append(r)
-    out = sorted(found.values(), key=lambda e: min(str(r.get("_path") or "") for r in e.runs))
+    found: dict[str, ExperimentRuns] = {}
+    for r, key in zip(runs, _groups(runs), strict=True):
+        found.setdefault(key, ExperimentRuns(key, r.setting, [])).runs.append(r)
+    out = sorted(found.values(), key=lambda e: min(str(r.path) for r in e.runs))
     for e in out:
-        rep = next((r for r in e.runs if r.get("stage") == "finetune"), e.runs[0])
-        e.config = experiment_config(rep)
-        e.choices = next((dict(r["_choices"]) for r in [rep, *e.runs] if r.get("_choices")), {})
-    by_setting: dict[Setting, list[Experiment]] = {}
+        rep = next((r for r in e.runs if r.method), e.runs[0])
+        e.config = experiment_config(rep.results.to_dict())
+        e.choices = next((dict(r.choices) for r in [rep, *e.runs] if r.choices), {})
+    by_setting: dict[Setting, list[ExperimentRuns]] = {}
     for e in out:
         by_setting.setdefault(e.setting, []).append(e)
     for s, group in by_setting.items():
@@ -346,7 +335,7 @@ def experiments(runs: Sequence[dict]) -> list[Experiment]:
     return out
 
 
-def check_one_experiment(runs: Sequence[dict], what: str) -> None:
+def check_one_experiment(runs: Sequence[Run], what: str) -> None:
     """Raise ``ValueError`` when ``runs`` are several experiments (they must not be averaged together)."""
     exps = experiments(runs)
     if len(exps) > 1:
@@ -356,17 +345,6 @@ def check_one_experiment(runs: Sequence[dict], what: str) -> None:
             f"{what}: the runs are {len(exps)} different experiments (they differ in {shown}); pass one "
             "experiment's runs (rift_bn.report.collect.experiments) or one sweep at a time"
         )
-
-
-def _complete(r: dict) -> str | None:
-    """Why a results dict cannot be reported, or ``None``."""
-    for key in ("stage", "dataset", "base", "final"):
-        if key not in r:
-            return f"missing key {key!r}"
-    for part in ("base", "final"):
-        if not isinstance(r[part], dict) or "clean_acc" not in r[part] or "robust_acc" not in r[part]:
-            return f"{part} has no clean_acc/robust_acc"
-    return None
 
 
 def _choices(job: Path) -> dict[str, str]:
@@ -387,27 +365,57 @@ def _choices(job: Path) -> dict[str, str]:
     }
 
 
-def dedupe(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
+def _outcomes(results: Results, path: Path) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The run's per-image test outcomes (``results.outcomes`` beside ``path``), or None and why not
+    (``""`` for a run that wrote none)."""
+    if results.outcomes is None:
+        return None, ""
+    file = path.parent / results.outcomes
+    try:
+        arrays = read_outcomes(file)
+    except (OSError, ValueError) as exc:
+        return None, f"{_show(file)}: unreadable ({type(exc).__name__}: {exc})"
+    missing = [k for k in OUTCOME_ARRAYS if k not in arrays]
+    n = {len(arrays[k]) for k in OUTCOME_ARRAYS if k in arrays}
+    if missing or len(n) > 1 or any(arrays[k].dtype != np.bool_ for k in OUTCOME_ARRAYS[1:]):
+        return None, f"{_show(file)}: not an outcomes file (missing {missing} or uneven arrays)"
+    for who, acc in (("base", results.base), ("final", results.final)):
+        for metric in ("clean", "robust"):
+            if not math.isclose(percent(arrays[f"{who}_{metric}"]), acc[f"{metric}_acc"], abs_tol=1e-3):
+                return None, f"{_show(file)}: {who}_{metric} disagrees with results.json (a stale copy?)"
+    return arrays, ""
+
+
+def read_run(path: Path) -> tuple[Run, list[str]]:
+    """The run of a ``results.json`` (:class:`rift_bn.results.ResultsError` when it is not one) and notes
+    on its outcomes (when they cannot be used, the run is reported without its paired statistics)."""
+    results = load_results(path)
+    outcomes, why = _outcomes(results, path)
+    notes = [f"no paired statistics for {_show(path)}: {why}"] if why else []
+    return Run(results, path, path.stat().st_mtime, _choices(path.parent), outcomes), notes
+
+
+def dedupe(runs: Sequence[Run]) -> tuple[list[Run], list[str]]:
     """One run per job (experiment, stage, method, k, estimator, bn_stats, seed): the newest ``results.json``.
 
     Returns the kept runs (in first-seen order) and one note per job found more than once.
     """
-    copies: dict[tuple, list[dict]] = {}
-    for r, key in zip(runs, _keys(runs), strict=True):
-        method = (r.get("config") or {}).get("method") or {}
-        job = (key, r.get("stage"), r.get("method"), r.get("k"), row_estimator(r), bn_stats(r), r.get("seed"))
+    copies: dict[tuple, list[Run]] = {}
+    for r, key in zip(runs, _groups(runs), strict=True):
+        method = r.results.config.get("method") or {}
+        job = (key, r.experiment.stage, r.method, r.k, r.row_estimator, r.bn_stats, r.seed)
         job += (json.dumps([method.get("kinds"), method.get("selection")], default=str),)
         copies.setdefault(job, []).append(r)
-    kept: list[dict] = []
+    kept: list[Run] = []
     notes: list[str] = []
     for rs in copies.values():
-        newest = max(rs, key=lambda r: r.get("_mtime", 0))  # the first of equally new copies
+        newest = max(rs, key=lambda r: r.mtime)  # the first of equally new copies
         kept.append(newest)
         if len(rs) > 1:
-            ignored = ", ".join(_show(Path(r["_path"])) for r in rs if r is not newest)
+            ignored = ", ".join(_show(r.path) for r in rs if r is not newest)
             notes.append(
-                f"duplicate job ({len(rs)} copies of one config, seed {newest.get('seed')}): kept the newest "
-                f"{_show(Path(newest['_path']))}; ignored {ignored}"
+                f"duplicate job ({len(rs)} copies of one config, seed {newest.seed}): kept the newest "
+                f"{_show(newest.path)}; ignored {ignored}"
             )
     return kept, notes
 
@@ -416,7 +424,7 @@ def dedupe(runs: Sequence[dict]) -> tuple[list[dict], list[str]]:
 class Loaded:
     """What :func:`load` found: the runs, job folders without results, and one note per irregularity."""
 
-    runs: list[dict]
+    runs: list[Run]
     missing: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -424,24 +432,20 @@ class Loaded:
 def load(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) -> Loaded:
     """Read every complete ``results.json`` below ``dirs`` and list the job folders that have none.
 
-    Each run dict gains ``_path``, ``_mtime`` and ``_choices`` (its Hydra group choices). Unreadable or
-    incomplete files, duplicate jobs (the newest is kept) and missing results become notes.
+    Files that are not a finished run's record (unreadable, unfinished, written by another version),
+    outcomes that cannot be used, duplicate jobs (the newest is kept) and missing results become notes.
     """
     dirs = list(dirs)
-    runs: list[dict] = []
+    runs: list[Run] = []
     notes: list[str] = []
     for path in find_results(dirs, exclude):
         try:
-            r = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            notes.append(f"skipped {_show(path)}: unreadable ({type(exc).__name__}: {exc})")
+            run, run_notes = read_run(path)
+        except ResultsError as exc:
+            notes.append(f"skipped {exc}")
             continue
-        why = _complete(r) if isinstance(r, dict) else "not a JSON object"
-        if why:
-            notes.append(f"skipped {_show(path)}: {why}")
-            continue
-        r |= {"_path": str(path), "_mtime": path.stat().st_mtime, "_choices": _choices(path.parent)}
-        runs.append(r)
+        runs.append(run)
+        notes += run_notes
     runs, dup_notes = dedupe(runs)
     missing = find_missing(dirs, exclude)
     notes += dup_notes + [f"missing: {_show(m)} ({MISSING_REASON})" for m in missing]
@@ -450,7 +454,7 @@ def load(dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None) ->
 
 def load_runs(
     dirs: Iterable[str | os.PathLike[str]], exclude: Path | None = None, log: Callable[[str], None] = print
-) -> list[dict]:
+) -> list[Run]:
     """The runs of :func:`load`; its notes (skipped files, duplicates, missing results) go to ``log``."""
     loaded = load(dirs, exclude)
     for note in loaded.notes:
@@ -458,40 +462,69 @@ def load_runs(
     return loaded.runs
 
 
-def _group(r: dict) -> str:
+def _logger(r: Run) -> dict[str, Any]:
+    return r.results.config.get("logger") or {}
+
+
+def _wandb_group(r: Run) -> str:
     """The W&B group the run logged to (same rule as ``rift_bn.loggers.run_group``)."""
-    cfg = (r.get("config") or {}).get("logger") or {}
-    if cfg.get("group"):
-        return str(cfg["group"])
-    run_dir = Path(r["_path"]).parent
+    if _logger(r).get("group"):
+        return str(_logger(r)["group"])
+    run_dir = r.path.parent
     if (run_dir.parent / "multirun.yaml").exists():
         return "sweep-" + "-".join(run_dir.parent.parts[-2:])
     return "run-" + "-".join(run_dir.parts[-2:])
 
 
-def _below(r: dict, folder: Path) -> bool:
-    path = r.get("_path")
-    return bool(path) and (folder == Path(path).resolve() or folder in Path(path).resolve().parents)
+def _below(r: Run, folder: Path) -> bool:
+    return folder == r.path.resolve() or folder in r.path.resolve().parents
 
 
-def wandb_target(runs: list[dict], first: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
+def wandb_target(runs: Sequence[Run], first: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """``{project, entity, group, groups}`` of the runs logged to W&B, or ``None``. The group is that of the
     runs below ``first`` (the report's first folder, where it is written), else the most common one."""
-    logged = [r for r in runs if ((r.get("config") or {}).get("logger") or {}).get("name") == "wandb"]
+    logged = [r for r in runs if _logger(r).get("name") == "wandb"]
     if not logged:
         return None
-    groups = Counter(_group(r) for r in logged)
+    groups = Counter(_wandb_group(r) for r in logged)
     mine: Counter[str] = Counter()
     if first is not None:
         folder = Path(first).resolve()
-        mine = Counter(_group(r) for r in logged if _below(r, folder))
-    projects = Counter(str(r["config"]["logger"].get("project") or "rift_bn") for r in logged)
-    entity = next(
-        (r["config"]["logger"].get("entity") for r in logged if r["config"]["logger"].get("entity")), None
-    )
+        mine = Counter(_wandb_group(r) for r in logged if _below(r, folder))
+    projects = Counter(str(_logger(r).get("project") or "rift_bn") for r in logged)
+    entity = next((_logger(r)["entity"] for r in logged if _logger(r).get("entity")), None)
     return {
         "project": projects.most_common(1)[0][0],
         "entity": entity,
         "group": (mine or groups).most_common(1)[0][0],
         "groups": sorted(groups),
     }
+
+
+# The paper's PGD-10: fills what an old run's config.attack does not say.
+DEFAULT_ATTACK: dict[str, Any] = {
+    "eps": "8/255",
+    "alpha": "2/255",
+    "steps": 10,
+    "random_start": True,
+    "restarts": 1,
+}
+
+
+def _px(v: Any) -> str:
+    """A pixel-scale value as the config wrote it (``8/255``), a float as ``k/255`` when it is one."""
+    if isinstance(v, str):
+        return v
+    v = float(v)
+    return f"{round(v * 255):g}/255" if math.isclose(v * 255, round(v * 255), abs_tol=1e-6) else f"{v:g}"
+
+
+def attack_text(r: Run) -> str:
+    """The run's evaluation attack (``config.attack``), e.g. ``PGD-10 (eps 8/255, step 2/255, random start)``,
+    with restarts when more than one."""
+    given = r.results.config.get("attack") or {}
+    a = DEFAULT_ATTACK | {k: v for k, v in given.items() if v is not None}
+    extra = [f"eps {_px(a['eps'])}", f"step {_px(a['alpha'])}"]
+    extra += ["random start"] if a["random_start"] else ["no random start"]
+    extra += [f"worst of {a['restarts']} restarts"] if int(a["restarts"]) > 1 else []
+    return f"PGD-{a['steps']} ({', '.join(extra)})"

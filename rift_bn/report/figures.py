@@ -21,12 +21,10 @@ from matplotlib.patches import Patch
 
 from rift_bn.report.collect import (
     METHOD_LABELS,
-    bn_stats,
+    Run,
     bn_stats_label,
     bn_stats_order,
     check_one_experiment,
-    dataset_label,
-    row_estimator,
 )
 
 __all__ = [
@@ -126,7 +124,7 @@ def _several_modes(keys: Sequence[tuple]) -> set[str]:
     return {m for m, modes in seen.items() if len(modes) > 1}
 
 
-def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
+def plot_layer_types(runs: list[Run], title: str | None = None) -> Figure:
     """Figures 1-2: clean and robust accuracy (selection split) per fine-tuning epoch, a line per layer type.
 
     ``runs`` are the bn_only / conv_linear_only / full runs of one experiment (``ValueError`` otherwise);
@@ -134,10 +132,10 @@ def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
     with different ``finetune.bn_stats`` are separate lines, never seeds of one.
     """
     check_one_experiment(runs, "plot_layer_types")
-    by_method: dict[tuple[str, str], list[list[dict]]] = {}
+    by_method: dict[tuple[str, str], list[list[dict[str, float]]]] = {}
     for r in runs:
-        if r.get("history"):
-            by_method.setdefault((r["method"], bn_stats(r)), []).append(r["history"])
+        if r.method and r.results.history:
+            by_method.setdefault((r.method, r.bn_stats), []).append(r.results.history)
     rank = {m: i for i, m in enumerate(("bn_only", "conv_linear_only", "full"))}
     order = sorted(by_method, key=lambda mb: (rank.get(mb[0], 9), mb[0], bn_stats_order(*mb)))
     several = _several_modes(order)
@@ -175,7 +173,7 @@ def plot_layer_types(runs: list[dict], title: str | None = None) -> Figure:
     return fig
 
 
-def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
+def plot_interpolation(runs: list[Run], title: str | None = None) -> Figure:
     """Clean and robust accuracy (selection split) against alpha, one line per (method, finetune.bn_stats, k,
     MRC estimator).
 
@@ -184,10 +182,10 @@ def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
     column per mode (``RiFT with BN (BN stats: none), k=1``).
     """
     check_one_experiment(runs, "plot_interpolation")
-    series: dict[tuple[str, str, int | None, str], list[dict]] = {}
+    series: dict[tuple[str, str, int | None, str], list[Run]] = {}
     for r in runs:
-        if r.get("interpolation"):
-            series.setdefault((r["method"], bn_stats(r), r.get("k"), row_estimator(r)), []).append(r)
+        if r.method and r.results.interpolation:
+            series.setdefault((r.method, r.bn_stats, r.k, r.row_estimator), []).append(r)
     keys = sorted(
         series,
         key=lambda mk: (
@@ -223,7 +221,7 @@ def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
             for i, (color, (k, est)) in enumerate(zip(shades, ks, strict=True)):
                 rs = series[(method, mode, k, est)]
                 shift = dodge[(method, mode, k, est)]
-                alphas = Counter(r["alpha"] for r in rs if r.get("alpha") is not None)
+                alphas = Counter(r.results.alpha for r in rs if r.results.alpha is not None)
                 a_star = min(alphas, key=lambda a: (-alphas[a], a)) if alphas else None
                 label = METHOD_LABELS.get(method, method)
                 label += bn_stats_label(mode) if method in several else ""
@@ -232,7 +230,7 @@ def plot_interpolation(runs: list[dict], title: str | None = None) -> Figure:
                 label += f" (n={len(rs)})" if len(rs) > 1 else ""
                 for ax, metric in zip(axes, ("clean_acc", "robust_acc"), strict=True):
                     x, mean, _ = _mean_std(
-                        [[(p["alpha"], p[metric]) for p in r["interpolation"]] for r in rs]
+                        [[(p["alpha"], p[metric]) for p in r.results.interpolation] for r in rs]
                     )
                     (line,) = ax.plot(
                         x + shift,
@@ -475,7 +473,3 @@ def plot_bn_kde(
                 fontsize=7.5,
             )
     return fig
-
-
-def dataset_title(dataset: str, what: str) -> str:
-    return f"{dataset_label(dataset)}: {what}"

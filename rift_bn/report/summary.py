@@ -1,9 +1,9 @@
 """What the console shows: the summary printed at the end of every job (:func:`format_summary`), and the
-table of a multirun's jobs printed when the sweep ends (:class:`SweepSummary`, a Hydra callback)."""
+table of a multirun's jobs printed when the sweep ends (:class:`SweepSummary`, a Hydra callback); both
+read the run's record (:mod:`rift_bn.results`)."""
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 from collections import Counter
@@ -12,47 +12,50 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from rift_bn.errors import UserError
+from rift_bn.results import Results, load
+
 KIND_ORDER = ("conv", "linear", "bn")
 
 
-def _layer_type_method(r: dict) -> bool:
+def _layer_type_method(r: Results) -> bool:
     """A method that fine-tunes every module of some layer types (full, bn_only, conv_linear_only): no MRC."""
-    selection = ((r.get("config") or {}).get("method") or {}).get("selection")
+    selection = (r.config.get("method") or {}).get("selection")
     if selection is not None:
         return selection == "all"
-    return bool(r.get("selected")) and all(s.get("mrc") is None for s in r["selected"])
+    return bool(r.selected) and all(s.get("mrc") is None for s in r.selected)
 
 
-def selected_text(r: dict) -> str:
+def selected_text(r: Results) -> str:
     """The fine-tuned modules: each one with its MRC (rift, rift_bn), or ``all 41 modules (20 conv, 1 linear,
     20 bn)`` for the layer-type methods."""
-    selected = r.get("selected") or []
     if _layer_type_method(r):
-        kinds = Counter(s.get("type", "?") for s in selected)
+        kinds = Counter(s.get("type", "?") for s in r.selected)
         order = [k for k in KIND_ORDER if k in kinds] + sorted(set(kinds) - set(KIND_ORDER))
-        return f"all {len(selected)} modules ({', '.join(f'{kinds[k]} {k}' for k in order)})"
+        return f"all {len(r.selected)} modules ({', '.join(f'{kinds[k]} {k}' for k in order)})"
     return ", ".join(
         f"{s['name']} ({s['type']}" + (f", mrc {s['mrc']:.4f})" if s.get("mrc") is not None else ")")
-        for s in selected
+        for s in r.selected
     )
 
 
-def format_summary(r: dict) -> str:
+def format_summary(r: Results) -> str:
     """A few readable lines: what ran, base vs final test accuracy, deltas, selection, alpha*, timings."""
-    head = f"{r['stage']} | {r['dataset']} {r['model']} (width {r.get('width')}) | seed {r['seed']}"
-    if r.get("method"):
-        head += f" | method {r['method']}" + (f" k={r['k']}" if r.get("k") else "")
-        head += f" | BN stats: {r['bn_stats']}" if r.get("bn_stats") else ""
+    e = r.experiment
+    head = f"{e.stage} | {e.dataset} {e.model} (width {e.width}) | seed {e.seed}"
+    if e.method:
+        head += f" | method {e.method}" + (f" k={e.k}" if e.k else "")
+        head += f" | BN stats: {e.bn_stats}" if e.bn_stats else ""
     lines = [head, f"  {'':8s}{'clean':>9s}{'robust':>9s}"]
-    for name in ("base", "final"):
-        lines.append(f"  {name:8s}{r[name]['clean_acc']:8.2f}%{r[name]['robust_acc']:8.2f}%")
-    if r.get("stage") == "finetune":
-        d = r["delta"]
+    for name, acc in (("base", r.base), ("final", r.final)):
+        lines.append(f"  {name:8s}{acc['clean_acc']:8.2f}%{acc['robust_acc']:8.2f}%")
+    if e.stage == "finetune":
+        d = r.delta
         lines.append(f"  {'delta':8s}{d['clean_acc']:+8.2f} {d['robust_acc']:+8.2f}")
         lines.append(f"  selected: {selected_text(r)}")
-        mrc = f"   mrc: {r['mrc_source']}" if r.get("mrc_source") else ""
-        lines.append(f"  alpha*: {r['alpha']}{mrc}")
-    lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.get("timings", {}).items()))
+        mrc = f"   mrc: {r.mrc_source}" if r.mrc_source else ""
+        lines.append(f"  alpha*: {r.alpha}{mrc}")
+    lines.append("  timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in r.timings.items()))
     return "\n".join(lines)
 
 
@@ -85,28 +88,26 @@ def sweep_rows(sweep_dir: Path) -> tuple[list[list[str]], list[Path]]:
     ]
     for job in sorted(jobs, key=_job_number):
         try:
-            r = json.loads((job / "results.json").read_text())
-            final, delta = r["final"], r.get("delta") or {}
-            if "clean_acc" not in r["base"] or "clean_acc" not in final:
-                raise KeyError("clean_acc")
-        except (OSError, ValueError, KeyError, TypeError):
+            r = load(job / "results.json")
+        except UserError:
             missing.append(job)
             continue
-        finetuned = r.get("stage") == "finetune"
+        e = r.experiment
+        finetuned = e.stage == "finetune"
         rows.append(
             [
                 job.name,
-                _cell(r.get("dataset")),
-                _cell(r.get("method") if finetuned else "base (at)"),
-                _cell(r.get("k") if finetuned and r.get("k") is not None else ("all" if finetuned else None)),
-                _cell(r.get("bn_stats")),
-                _cell(r.get("seed")),
-                _cell(final.get("clean_acc"), ".2f"),
-                _cell(final.get("robust_acc"), ".2f"),
-                _cell(delta.get("clean_acc") if finetuned else None, "+.2f"),
-                _cell(delta.get("robust_acc") if finetuned else None, "+.2f"),
-                _cell(None if r.get("alpha") is None else float(r["alpha"])),
-                _cell(r.get("test_size")),
+                _cell(e.dataset),
+                _cell(e.method if finetuned else "base (at)"),
+                _cell(e.k if finetuned and e.k is not None else ("all" if finetuned else None)),
+                _cell(e.bn_stats),
+                _cell(e.seed),
+                _cell(r.final.get("clean_acc"), ".2f"),
+                _cell(r.final.get("robust_acc"), ".2f"),
+                _cell(r.delta.get("clean_acc") if finetuned else None, "+.2f"),
+                _cell(r.delta.get("robust_acc") if finetuned else None, "+.2f"),
+                _cell(None if r.alpha is None else float(r.alpha)),
+                _cell(r.test_size),
             ]
         )
     return rows, missing

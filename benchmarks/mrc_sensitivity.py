@@ -1,7 +1,7 @@
 """How much an MRC protocol change moves the ranking and the k lowest modules, on one cached base model.
 
-    python scripts/mrc_sensitivity.py scale=cpu data=cifar10                    # RiFT's 20 steps vs one pass
-    python scripts/mrc_sensitivity.py scale=cpu --other "mrc.steps_per_epoch=5" --json out.json
+    python -m benchmarks.mrc_sensitivity scale=cpu data=cifar10                 # RiFT's 20 steps vs one pass
+    python -m benchmarks.mrc_sensitivity scale=cpu --other "mrc.steps_per_epoch=5" --json out.json
 
 Both MRC tables go through the pipeline's own cache (the sweep's jobs reuse them, and a table already
 computed is read, not recomputed). The base model must be in the cache already (run the sweep or
@@ -18,49 +18,53 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from rift_bn.config import validate
+from benchmarks.common import job_config
+from benchmarks.mrc_agreement import agreement
 from rift_bn.data import CIFARDataModule
+from rift_bn.errors import UserError
 from rift_bn.models.checkpoint import file_sha256
 from rift_bn.mrc import KINDS
-from rift_bn.mrc_linear import agreement
-from rift_bn.pipeline import Run
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=[*overrides, "base.train_if_missing=false"])
-    validate(cfg)
-    return cfg
+from rift_bn.pipeline.base import MissingBaseModel, checkpoint_path, load_base
+from rift_bn.pipeline.keys import CacheKeys
+from rift_bn.pipeline.mrc_table import job_mrc_table
+from rift_bn.pipeline.training import Timings
 
 
 def mrc_rows(cfg: DictConfig) -> tuple[list[dict], str, float]:
-    """The MRC table of every rift_bn candidate for ``cfg``'s cached base: (rows, source, seconds)."""
-    d = cfg.data
-    dm = CIFARDataModule(
-        d.name, d.root, d.val_size, d.train_subset, d.test_subset, seed=cfg.seed, download=False,
-        selection_source=d.selection_source,
-    )  # fmt: skip
+    """The MRC table of every rift_bn candidate for ``cfg``'s base (``base.checkpoint`` or the cached one of
+    a CPU job), as a job of ``cfg`` makes it, in its cache: (rows, source, seconds)."""
+    cpu = torch.device("cpu")
+    dm = CIFARDataModule.from_config(cfg)
     dm.setup()
-    run = Run(cfg, Path("."), torch.device("cpu"), dm, Path(cfg.cache_dir).expanduser().resolve())
-    base, path, _ = run.base_model()
+    keys = CacheKeys(cfg, dm.fingerprint, Path(cfg.cache_dir).expanduser().resolve())
+    path = checkpoint_path(cfg.base, keys.base_path())
+    if not path.exists():
+        raise MissingBaseModel(
+            f"base.checkpoint={cfg.base.checkpoint or 'null'}: no base model at {path}; run the sweep or "
+            "+experiment=at with the same overrides first"
+        )
+    base = load_base(path, cfg.model, dm.spec, cpu).model
     t0 = time.perf_counter()
-    rows, source = run.mrc_table(base, file_sha256(path), KINDS["rift_bn"])
+    selection = (dm.val_x, dm.val_y)
+    rows, source = job_mrc_table(
+        cfg, KINDS["rift_bn"], base, file_sha256(path), selection, keys, cpu, Timings()
+    )
     return rows, source, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.mrc_sensitivity", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides of both tables (e.g. scale=cpu)")
     p.add_argument("--other", default="mrc.steps_per_epoch=null mrc.shuffle=false",
                    help="overrides of the second table (default: one in-order pass per epoch)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write both tables and the agreement here")
     a = p.parse_args(argv)
-    first, second = _compose(a.overrides), _compose([*a.overrides, *a.other.split()])
+    fixed = ["data.download=false"]
+    first, second = job_config([*a.overrides, *fixed]), job_config([*a.overrides, *a.other.split(), *fixed])
     (rows_a, src_a, sec_a), (rows_b, src_b, sec_b) = mrc_rows(first), mrc_rows(second)
     out: dict = {"overrides": a.overrides, "other": a.other, "tables": {"default": rows_a, "other": rows_b}}
     print(f"default: {src_a} ({sec_a:.0f} s); other ({a.other}): {src_b} ({sec_b:.0f} s)")
@@ -81,4 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except UserError as e:  # one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,10 +1,13 @@
-"""Performance ratios, measured in one process on one model and batch: ``python -m rift_bn.bench``.
+"""Performance ratios, measured in one process on one model and batch: ``python -m benchmarks.bench``.
 
 Every number is a ratio of two ways of doing the same work, timed in interleaved repetitions (the
 order rotates each round) and summarised by a median (PGD: of the per-round ratios), so that load
 from other processes on the machine affects both sides alike. Printed as a table and written as JSON
 (``--json``). One intra-op thread by default (``--threads 0``: torch's default); ``--device cuda``
 times a GPU (synchronised).
+
+Attacks are the pipeline's (``conf/attack``, ``PGD.from_config``) with the part's number of steps, data the
+pipeline's (``CIFARDataModule.from_config``).
 
 - ``pgd_vs_torchattacks``: our PGD-10 / ``torchattacks.PGD`` on the same model, batch and random start;
   the adversarial images must be identical (``torch.equal``).
@@ -17,7 +20,8 @@ times a GPU (synchronised).
   with RiFT's 10 epochs; the n lowest modules, their order and values must equal the full table's
   (``mrc_bounded_exact``) and every bound must lie at or below its module's MRC. Epochs of ascent run
   are reported beside the times. ``--bounded-checkpoint`` (with ``--data-root``) runs it on a trained
-  base model's PGD-10 selection-split examples instead of the random model.
+  base model's adversarial set (``rift_bn.mrc.adversarial_examples`` of its selection split, as the
+  pipeline makes it) instead of the random model.
 - ``at_step_vs_plain``: one adversarial-training step through ``AdversarialTraining`` and a Lightning
   ``Trainer`` / a plain PyTorch loop doing the same work (augmentation, the same PGD, SGD); per-step
   times between consecutive steps, Trainer start-up excluded.
@@ -45,11 +49,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from benchmarks.common import clock, job_config, sync, trained_base
 from rift_bn.attacks import PGD, attack_mode
+from rift_bn.errors import UserError
 from rift_bn.models import build_model, candidate_modules
-from rift_bn.mrc import KINDS, MRCProtocol, bounded_mrc, compute_mrc, mrc_reference
+from rift_bn.mrc import KINDS, MRCProtocol, adversarial_examples, bounded_mrc, compute_mrc, mrc_reference
 
 TARGETS = {
     "pgd_vs_torchattacks": 0.9,
@@ -58,7 +65,6 @@ TARGETS = {
     "mrc_bounded_vs_exact": 0.35,
     "at_step_vs_plain": 1.10,
 }
-EPS, ALPHA = 8 / 255, 2 / 255
 
 
 @dataclass
@@ -106,9 +112,24 @@ class BenchConfig:
         )
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def job(cfg: BenchConfig) -> DictConfig:
+    """The pipeline's config for this run's settings: data (``--dataset``, ``--data-root``, ``--val-size``,
+    ``--seed``; nothing downloaded) and the base model of ``--bounded-checkpoint`` (``--model``,
+    ``--mrc-width``); the attacks are its ``attack``."""
+    values: dict[str, Any] = {
+        "seed": cfg.seed,
+        "data.val_size": cfg.val_size,
+        "data.download": False,
+        "model.width": cfg.mrc_width,
+    }
+    if cfg.data_root:
+        values["data.root"] = cfg.data_root
+    return job_config([f"data={cfg.dataset}", f"model={cfg.model}"], values)
+
+
+def attack(cfg: BenchConfig, steps: int) -> PGD:
+    """The pipeline's evaluation attack (``job(cfg).attack`` through ``PGD.from_config``), ``steps`` steps."""
+    return PGD.from_config(OmegaConf.merge(job(cfg).attack, {"steps": steps}))
 
 
 def _interleaved_times(
@@ -119,10 +140,10 @@ def _interleaved_times(
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
         for n in names[r % len(names) :] + names[: r % len(names)]:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             fns[n]()
-            _sync(device)
+            sync(device)
             times[n].append(time.perf_counter() - t0)
     return times
 
@@ -147,8 +168,10 @@ def bench_pgd(cfg: BenchConfig) -> dict[str, Any]:
     dev = torch.device(cfg.device)
     model = build_model(cfg.model, 10, cfg.width).eval().to(dev)
     x, y = torch.rand(cfg.batch, 3, 32, 32).to(dev), torch.randint(0, 10, (cfg.batch,)).to(dev)
-    ours = PGD(EPS, ALPHA, cfg.pgd_steps, random_start=True)
-    theirs = torchattacks.PGD(model, eps=EPS, alpha=ALPHA, steps=cfg.pgd_steps, random_start=True)
+    ours = attack(cfg, cfg.pgd_steps)
+    theirs = torchattacks.PGD(
+        model, eps=ours.eps, alpha=ours.alpha, steps=ours.steps, random_start=ours.random_start
+    )
 
     def run_ours() -> Tensor:
         torch.manual_seed(cfg.seed + 1)
@@ -176,9 +199,11 @@ def bench_pgd(cfg: BenchConfig) -> dict[str, Any]:
     floor()
     a_cl = run_ours_cl()
     torch.manual_seed(cfg.seed + 1)
-    b_cl = torchattacks.PGD(cl_model, eps=EPS, alpha=ALPHA, steps=cfg.pgd_steps, random_start=True)(x_cl, y)
+    b_cl = torchattacks.PGD(
+        cl_model, eps=ours.eps, alpha=ours.alpha, steps=ours.steps, random_start=ours.random_start
+    )(x_cl, y)
     identical = bool(torch.equal(a, b))
-    in_ball = bool((a - x).abs().max() <= EPS + 1e-7 and a.min() >= 0 and a.max() <= 1)
+    in_ball = bool((a - x).abs().max() <= ours.eps + 1e-7 and a.min() >= 0 and a.max() <= 1)
     fns = {"ours": run_ours, "torchattacks": run_theirs, "floor": floor, "ours_channels_last": run_ours_cl}
     times = _interleaved_times(fns, cfg.reps, dev)
     med = {k: _med(v) for k, v in times.items()}
@@ -273,10 +298,10 @@ def bench_mrc(cfg: BenchConfig) -> dict[str, Any]:
         }
         t = {}
         for key in ["fast", "reference"] if i % 2 == 0 else ["reference", "fast"]:
-            _sync(dev)
+            sync(dev)
             t0 = time.perf_counter()
             out = runs[key]()
-            _sync(dev)
+            sync(dev)
             t[key] = time.perf_counter() - t0
             (fast_rows if key == "fast" else ref_rows).update({r["name"]: r for r in out["rows"]})
         seconds = {k: seconds[k] + t[k] for k in seconds}
@@ -301,7 +326,7 @@ def bench_mrc(cfg: BenchConfig) -> dict[str, Any]:
 
 def _bounded_inputs(cfg: BenchConfig, dev: torch.device) -> tuple[nn.Module, Tensor, Tensor, str]:
     """The model and MRC set of ``bench_bounded``: the random bench model on random images, or a trained
-    base on PGD-10 examples of its selection split, made as the pipeline makes them (seed + 1)."""
+    base on the adversarial set of its selection split, made as the pipeline makes it."""
     if not cfg.bounded_checkpoint:
         torch.manual_seed(cfg.seed)
         model = mrc_model(cfg.model, cfg.mrc_width, cfg.seed).to(dev)
@@ -309,25 +334,16 @@ def _bounded_inputs(cfg: BenchConfig, dev: torch.device) -> tuple[nn.Module, Ten
         y = torch.randint(0, 10, (cfg.mrc_examples,)).to(dev)
         return model, x, y, f"random {cfg.model} w{cfg.mrc_width}, {cfg.mrc_examples} random images"
     if not cfg.data_root:
-        raise SystemExit("--bounded-checkpoint needs --data-root (the CIFAR folder of the base's run)")
-    from rift_bn.data import CIFARDataModule, to_float
-    from rift_bn.models.checkpoint import load_into, read_state_dict
-
-    dm = CIFARDataModule(cfg.dataset, cfg.data_root, val_size=cfg.val_size, seed=cfg.seed, download=False)
-    dm.setup()
-    model = build_model(cfg.model, dm.num_classes, cfg.mrc_width)
-    load_into(model, read_state_dict(cfg.bounded_checkpoint))
-    model = model.to(dev).eval()
-    x, y = to_float(dm.val_x).to(dev), dm.val_y.clone().to(dev)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + 1)  # as the pipeline's adversarial set
-        x = PGD(EPS, ALPHA, 10)(model, x, y)
-    return model, x, y, f"{cfg.bounded_checkpoint}, {len(y)} PGD-10 examples of the selection split"
-
-
-def _clock(dev: torch.device) -> tuple[float, float]:
-    _sync(dev)
-    return time.perf_counter(), time.process_time()
+        raise UserError(
+            f"--bounded-checkpoint={cfg.bounded_checkpoint}: needs --data-root; pass the CIFAR folder of "
+            "the base's run"
+        )
+    j = job(cfg)
+    model, dm = trained_base(cfg.bounded_checkpoint, j, dev)
+    pgd = PGD.from_config(j.attack)
+    x = adversarial_examples(model, dm.val_x, dm.val_y, pgd, j.eval.batch_size, dev, j.seed).to(dev)
+    y = dm.val_y.to(dev)
+    return model, x, y, f"{cfg.bounded_checkpoint}, {len(y)} PGD-{pgd.steps} examples of the selection split"
 
 
 def bench_bounded(cfg: BenchConfig) -> dict[str, Any]:
@@ -345,12 +361,12 @@ def bench_bounded(cfg: BenchConfig) -> dict[str, Any]:
         t: dict[str, tuple[float, float]] = {}
         res: dict[str, dict] = {}
         for key in ("full", "bounded") if r % 2 == 0 else ("bounded", "full"):
-            w0, c0 = _clock(dev)
+            w0, c0 = clock(dev)
             if key == "full":
                 res[key] = compute_mrc(model, x, y, kinds, proto)
             else:
                 res[key] = bounded_mrc(model, x, y, kinds, proto, n)
-            w1, c1 = _clock(dev)
+            w1, c1 = clock(dev)
             t[key] = (w1 - w0, c1 - c0)
         full, bounded = res["full"]["rows"], res["bounded"]["rows"]
         rank = sorted(range(len(full)), key=lambda i: (full[i]["mrc"], i))[:n]
@@ -409,7 +425,7 @@ def bench_at(cfg: BenchConfig) -> dict[str, Any]:
     n_batches = cfg.at_steps + 1  # the first step is a warm-up, not timed
     xs = torch.randint(0, 256, (n_batches * cfg.batch, 3, 32, 32), dtype=torch.uint8)
     ys = torch.randint(0, 10, (n_batches * cfg.batch,))
-    attack = PGD(EPS, ALPHA, cfg.at_pgd_steps)
+    pgd = attack(cfg, cfg.at_pgd_steps)
     sgd = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
 
     class Ticks(L.Callback):
@@ -417,11 +433,11 @@ def bench_at(cfg: BenchConfig) -> dict[str, Any]:
             self.ends: list[float] = []
 
         def on_train_batch_end(self, *args: Any) -> None:
-            _sync(dev)
+            sync(dev)
             self.ends.append(time.perf_counter())
 
     def lightning_steps() -> list[float]:
-        module = AdversarialTraining(copy.deepcopy(init), attack, attack, 10, **sgd)
+        module = AdversarialTraining(copy.deepcopy(init), pgd, pgd, 10, **sgd)
         ticks = Ticks()
         trainer = quiet_trainer(
             accelerator="cpu" if dev.type == "cpu" else "gpu",
@@ -440,12 +456,12 @@ def bench_at(cfg: BenchConfig) -> dict[str, Any]:
         for xb, yb in TensorLoader(xs, ys, cfg.batch):
             xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             x = augment(to_float(xb))
-            x_adv = attack(model, x, yb)
+            x_adv = pgd(model, x, yb)
             loss = F.cross_entropy(model(x_adv), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            _sync(dev)
+            sync(dev)
             ends.append(time.perf_counter())
         return [b - a for a, b in zip(ends, ends[1:], strict=False)]
 
@@ -611,7 +627,7 @@ def table(out: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m rift_bn.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds; for tests)")
     parser.add_argument("--json", type=Path, default=Path("bench.json"), help="where to write the results")
     parser.add_argument(
@@ -634,4 +650,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
