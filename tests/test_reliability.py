@@ -229,7 +229,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(cli, tmp_path, cifar_roo
     assert [h["epoch"] for h in r["history"]] == [0, 1, 2, 3]
     _same_numbers(r, ref_ft)
     (state,) = (cli.cache / "runs").glob(f"{r['job_key']}")
-    assert [p.name for p in state.iterdir()] == ["results.json"]  # a finished job keeps no training state
+    # a finished job keeps no training state: its record and the files beside it, nothing else
+    assert sorted(p.name for p in state.iterdir()) == ["bn_outputs.npz", "outcomes.npz", "results.json"]
 
     # a finished job is skipped when rerun; force=true recomputes it, and a forced run that is killed
     # resumes its own attempt when run again (forcing discards the finished result, not its progress)

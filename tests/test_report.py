@@ -1066,12 +1066,13 @@ def test_pooled_numbers_equal_a_hand_computation_on_two_fake_seeds(paired: Path)
     md = to_markdown(t, None, runs)
     ci = lambda r, m: f"[{r[f'paired_{m}_ci_low']:+.2f}, {r[f'paired_{m}_ci_high']:+.2f}]"
     assert (
-        f"| Top 1 | RiFT | 80.00 ± 0.00 | 50.00 ± 0.00 | +25.00 {ci(rift, 'clean')} | "
-        f"+45.00 {ci(rift, 'robust')}* | 0.5/1 | 2 | 10 |"
+        f"| Top 1 | RiFT | 80.00 ± 0.00 | 50.00 ± 0.00 | +25.00 {ci(rift, 'clean')} p=0.12 | "
+        f"+45.00 {ci(rift, 'robust')} p=0.0039* | 0.5/1 | 2 | 10 |"  # 2 / 2^9, significant
     ) in md
+    p_bn = f"{bn['paired_robust_p_value']:.2g}"
     assert (
-        f"| RiFT with BN | 55.00 ± 7.07 | 25.00 ± 7.07 | +0.00 [+0.00, +0.00] | +20.00 {ci(bn, 'robust')} |"
-        in md
+        f"| RiFT with BN | 55.00 ± 7.07 | 25.00 ± 7.07 | +0.00 [+0.00, +0.00] p=1 | "
+        f"+20.00 {ci(bn, 'robust')} p={p_bn} |" in md
     )
     assert "|  | Base (AT) | 55.00 ± 7.07 | 5.00 ± 7.07 |  |  |  | 2 | 10 |" in md
     assert TESTS_NOTE in md and "exact two-sided McNemar" in md and "p < 0.05" in md
@@ -1125,7 +1126,8 @@ def test_cli_prints_the_paired_columns(
     assert main([str(paired), "--out", str(tmp_path / "out"), "--no-kde", "--no-wandb"]) == 0
     out = capsys.readouterr().out
     assert "| Δ clean, paired [95% CI] | Δ robust, paired [95% CI] | α* | n | Test images |" in out
-    assert "| +45.00 [" in out and "]* | 0.5/1 | 2 | 10 |" in out
+    p = _mcnemar_by_hand(9, 0)  # pooled over the two seeds: 9 images gained, none lost (printed as p=...)
+    assert "| +45.00 [" in out and f"] p={p:.2g}* | 0.5/1 | 2 | 10 |" in out
     assert "| Top 1 | RiFT with BN − RiFT | 2 | 10 | -25.00 [" in out
     runs_csv = pd.read_csv(tmp_path / "out" / "runs.csv")  # each run's own statistics, as the job wrote them
     rift0 = runs_csv[(runs_csv["method"] == "rift") & (runs_csv["seed"] == 0)].iloc[0]

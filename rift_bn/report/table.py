@@ -375,13 +375,13 @@ def fmt(mean: float, std: float, signed: bool = False) -> str:
 
 
 def fmt_paired(row: Mapping[str, Any], metric: str) -> str:
-    """``+1.20 [+0.40, +2.00]*``: a paired delta, its 95% CI, ``*`` when p < :data:`rift_bn.stats.ALPHA`;
-    ``n/a`` without outcomes."""
+    """``+1.20 [+0.40, +2.00] p=0.003*``: a paired delta, its 95% CI, the McNemar p-value, ``*`` when
+    p < :data:`rift_bn.stats.ALPHA`; ``n/a`` without outcomes."""
     delta = row[f"paired_{metric}_delta"]
     if _nan(delta):
         return NA
     low, high, p = (row[f"paired_{metric}_{f}"] for f in ("ci_low", "ci_high", "p_value"))
-    return f"{delta:+.2f} [{low:+.2f}, {high:+.2f}]" + ("*" if p < ALPHA else "")
+    return f"{delta:+.2f} [{low:+.2f}, {high:+.2f}] p={p:.2g}" + ("*" if p < ALPHA else "")
 
 
 def bn_stats_caption(runs: Sequence[Run], methods: Sequence[str] = TOPK_METHODS) -> str:
