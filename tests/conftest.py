@@ -122,6 +122,28 @@ def cli(tmp_path: Path, cifar_root: Path) -> CLI:
     return CLI(tmp_path, cifar_root)
 
 
+@pytest.fixture()
+def offline_download(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], list[str]]:
+    """torchvision's download path with the network replaced: ``serve(archive)`` makes every download
+    fetch a copy of ``archive`` and returns the list of URLs fetched (filled as downloads happen)."""
+    import shutil
+
+    import torchvision.datasets.utils as tvu
+
+    def serve(archive: Path) -> list[str]:
+        fetched: list[str] = []
+
+        def fetch(url: str, filename: str, chunk_size: int = 0) -> None:
+            fetched.append(url)
+            shutil.copy(archive, filename)
+
+        monkeypatch.setattr(tvu, "_get_redirect_url", lambda url, max_hops=3: url)
+        monkeypatch.setattr(tvu, "_urlretrieve", fetch)
+        return fetched
+
+    return serve
+
+
 # --------------------------------------------------------------------------- configs, in process
 
 

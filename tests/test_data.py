@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -209,15 +210,14 @@ def test_to_float() -> None:
 # --------------------------------------------------------------------------- (e) errors
 
 
-def test_download_is_checksum_verified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_is_checksum_verified(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_download: Callable[[Path], list[str]]
+) -> None:
     """The official tarball is fetched and checked against its MD5 before extraction (torchvision's
     download path, network replaced by a local copy): a tarball that is not the official one is refused."""
     import dataclasses
     import hashlib
-    import shutil
     import tarfile
-
-    import torchvision.datasets.utils as tvu
 
     from rift_bn.data import cifar
 
@@ -225,14 +225,7 @@ def test_download_is_checksum_verified(tmp_path: Path, monkeypatch: pytest.Monke
     tarball = tmp_path / "cifar-10-python.tar.gz"
     with tarfile.open(tarball, "w:gz") as tar:
         tar.add(src / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    fetched: list[str] = []
-
-    def fetch(url: str, filename: str, chunk_size: int = 0) -> None:
-        fetched.append(url)
-        shutil.copy(tarball, filename)
-
-    monkeypatch.setattr(tvu, "_get_redirect_url", lambda url, max_hops=3: url)
-    monkeypatch.setattr(tvu, "_urlretrieve", fetch)
+    fetched = offline_download(tarball)
     with pytest.raises(DataError, match="download failed"):  # not the official bytes: wrong MD5
         load_cifar("cifar10", tmp_path / "a", download=True)
     assert (

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -146,21 +147,14 @@ def test_layout_errors(tmp_path: Path) -> None:
     _error(r, "cannot read", "val_annotations.txt", "official Tiny-ImageNet layout")
 
 
-def test_download_extracts_the_official_zip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torchvision.datasets.utils as tvu
-
+def test_download_extracts_the_official_zip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_download: Callable[[Path], list[str]]
+) -> None:
     from rift_bn.data import cifar
 
     write_fake_tiny_imagenet(tmp_path / "src", 2, 2, 2, seed=3)
     archive = Path(shutil.make_archive(str(tmp_path / "tiny-imagenet-200"), "zip", tmp_path / "src"))
-    fetched: list[str] = []
-
-    def fetch(url: str, filename: str, chunk_size: int = 0) -> None:
-        fetched.append(url)
-        shutil.copy(archive, filename)
-
-    monkeypatch.setattr(tvu, "_get_redirect_url", lambda url, max_hops=3: url)
-    monkeypatch.setattr(tvu, "_urlretrieve", fetch)
+    fetched = offline_download(archive)
     with pytest.raises(DataError, match="download failed"):  # not the official bytes: wrong MD5
         load_cifar("tiny_imagenet", tmp_path / "a", download=True)
     assert fetched == ["http://cs231n.stanford.edu/tiny-imagenet-200.zip"]
