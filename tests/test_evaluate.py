@@ -123,3 +123,22 @@ def test_per_image_outcomes_match_torchmetrics_and_give_exact_fractions() -> Non
     torch.manual_seed(5)  # the same random starts: the same images fooled
     again = evaluate(model, x, y, PGD(eps=2 / 255, alpha=1 / 255, steps=2), 10, batch_size=30)
     assert again["robust_acc"] == int(correct["robust"].sum()) * 100 / 100
+
+
+def test_validation_accuracy_is_the_exact_fraction_of_torchmetrics_counts() -> None:
+    """The per-epoch validation accuracy (results.json's histories, the best-epoch choice) is the exact
+    fraction of the metric's counts: 31 of 100 is 31.0, where its float32 ``compute()`` is not."""
+    from torchmetrics.classification import MulticlassAccuracy
+
+    from rift_bn.modules.common import exact_percent
+
+    metric = MulticlassAccuracy(10, average="micro")
+    y = torch.arange(100) % 10
+    for rows in (slice(0, 60), slice(60, 100)):  # two batches
+        pred = y[rows].clone()
+        pred[pred.numel() // 2 :] += 1  # 30 + 20 wrong: 50 of 100
+        metric.update(pred % 10, y[rows])
+    assert exact_percent(metric) == 50.0
+    metric.reset()
+    metric.update(torch.cat([y[:31], (y[31:] + 1) % 10]), y)
+    assert 100 * metric.compute().item() != 31.0 and exact_percent(metric) == 31.0

@@ -43,6 +43,13 @@ def set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(state), py_gauss))
 
 
+def exact_percent(accuracy: MulticlassAccuracy) -> float:
+    """A micro accuracy over all processes as the exact fraction of its counts (``compute()`` is float32)."""
+    with accuracy.sync_context():
+        correct, images = int(accuracy.tp.sum()), int(accuracy.tp.sum() + accuracy.fn.sum())
+    return correct * 100 / images
+
+
 class RobustClassifier(L.LightningModule):
     """A wrapped model whose validation reports clean and PGD accuracy (percent) once per epoch.
 
@@ -137,7 +144,7 @@ class RobustClassifier(L.LightningModule):
                 self.val_robust.update(self.model(x_adv), y)
 
     def on_validation_epoch_end(self) -> None:
-        clean, robust = 100 * self.val_clean.compute().item(), 100 * self.val_robust.compute().item()
+        clean, robust = exact_percent(self.val_clean), exact_percent(self.val_robust)
         self.val_clean.reset()
         self.val_robust.reset()
         # "epoch" is 1-based (the console's "epoch k/N", results.json's history); the train rows of the
