@@ -718,6 +718,45 @@ def test_kde_alpha_star_zero_is_init_and_the_fine_tuned_model_is_shown(
     assert "finetune.bn_stats: RiFT selected, RiFT with BN selected" in caption
 
 
+def test_bn_shift_numbers_equal_a_direct_computation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figure 3 in numbers: per (k, seed) and model, the Wasserstein distance of each shown BN layer's saved
+    outputs from the base's, over the base's std, averaged over the layers; exactly 0 for a final model that
+    is the base (alpha* = 0); a Markdown row per k in bn_shift.md."""
+    from scipy.stats import wasserstein_distance
+
+    from rift_bn.report.kde import bn_shift
+
+    sweep = build_sweep(tmp_path / "sweep")
+    _save_bn_outputs(sweep, alphas={"rift": 0.0, "rift_bn": 0.5}, final_is_base=("rift",))
+    _no_forward(monkeypatch)
+    runs = load_runs([sweep], log=lambda _: None)
+    table = bn_shift(runs)
+    assert sorted(set(table["k"])) == [1, 2] and len(table) == (3 + 1) * 4  # (k, seed) pairs x 4 models
+    assert (table.loc[table["model"] == "RiFT", "shift"] == 0).all()  # theta(alpha*) = the base
+    assert (table.loc[table["model"] != "RiFT", "shift"] > 0).all()
+    r = next(r for r in runs if r.method == "rift_bn" and r.k == 2)
+    saved = BNOutputs.read(r.beside(BN_OUTPUTS))
+    layers = [s["name"] for s in r.results.selected if s["type"] == "bn"]
+    expected = np.mean(
+        [
+            wasserstein_distance(b := saved.of("base", n).astype(np.float64), saved.of("finetuned", n))
+            / b.std()
+            for n in layers
+        ]
+    )
+    row = table[(table["k"] == 2) & (table["model"] == "RiFT with BN (fine-tuned)")]
+    assert row["layers"].item() == len(layers) and row["shift"].item() == pytest.approx(expected, rel=1e-12)
+    report = make_report([sweep], kde=False, wandb=False, log=lambda _: None)
+    md = (report.out / "bn_shift.md").read_text()
+    assert "| Top 1 | 0.000 ± 0.000 |" in md and "| Top 2 | 0.000 |" in md
+    assert [ln.split(" | ")[0] for ln in md.splitlines() if ln.startswith("| Top")] == [
+        "| Top k",
+        "| Top 1",
+        "| Top 2",
+    ]
+    assert len(pd.read_csv(report.out / "bn_shift.csv")) == len(table)
+
+
 def test_kde_skipped_with_one_line_without_saved_outputs(made: tuple, tmp_path: Path) -> None:
     report, logs = made  # version-1 runs: no bn_outputs.npz
     assert "fig_bn_kde_cifar10" not in report.figures

@@ -24,7 +24,7 @@ from rift_bn.report.collect import (
 )
 from rift_bn.report.corruptions import figure_corruptions, write_corruption_tables
 from rift_bn.report.figures import plot_bn_kde, plot_interpolation, plot_layer_types, plot_mrc, save
-from rift_bn.report.table import write_tables
+from rift_bn.report.table import fmt, write_tables
 
 __all__ = [
     "Report",
@@ -222,6 +222,7 @@ def make_report(
     log(f"{len(runs)} run(s) ({n_ft} fine-tuned, {len(exps)} experiment(s)) from {len(dirs)} folder(s)")
     t1, lt, comparison, files = write_tables(runs, out_dir, log, loaded.notes)
     files += write_corruption_tables(runs, out_dir)  # eval.corruptions runs only
+    files += write_bn_shift(exps, out_dir)  # runs that saved BN outputs only
     figures, skipped = report_figures(runs, kde, log)
     for stem, fig in figures.items():
         files += save(fig, out_dir, stem)
@@ -231,6 +232,39 @@ def make_report(
     if wandb:
         report.wandb_dir = _log_wandb(report, log, first)
     return report
+
+
+def write_bn_shift(exps: Sequence[ExperimentRuns], out: Path) -> list[Path]:
+    """``bn_shift.md`` and ``bn_shift.csv`` (:func:`rift_bn.report.kde.bn_shift` per experiment, the
+    Markdown as mean ± std over seeds per k and model) when some pair of runs saved BN outputs."""
+    from rift_bn.report.kde import bn_shift
+
+    shifts = [(e, bn_shift(e.runs)) for e in exps]
+    shifts = [(e, t) for e, t in shifts if not t.empty]
+    if not shifts:
+        return []
+    lines = [
+        "## Figure 3 in numbers: how far the BN outputs moved",
+        "",
+        "Per (k, seed): the 1-D Wasserstein distance between the base model's outputs and each model's, on "
+        "the same adversarial examples of the selection split, in units of the base outputs' std, averaged "
+        "over the BN layers RiFT with BN selected (Figure 3's layers); mean ± sample std over n seeds. "
+        "θ(α*) is the reported model, fine-tuned is α = 1.",
+    ]
+    for e, t in shifts:
+        wide = t.groupby(["k", "model"], sort=False)["shift"].agg(["mean", "std", "count"]).reset_index()
+        models = list(dict.fromkeys(t["model"]))
+        lines += ["", f"### {_title(e, 'BN output shift from the base')}", ""]
+        lines += ["| Top k | " + " | ".join(models) + " | n |", "|---|" + "---:|" * (len(models) + 1)]
+        for k, g in wide.groupby("k"):
+            by = g.set_index("model")
+            cells = [fmt(by.loc[m, "mean"], by.loc[m, "std"], digits=3) for m in models]
+            lines.append(f"| Top {k} | " + " | ".join(cells) + f" | {int(by['count'].max())} |")
+    out.mkdir(parents=True, exist_ok=True)
+    files = [out / "bn_shift.md", out / "bn_shift.csv"]
+    files[0].write_text("\n".join(lines) + "\n")
+    pd.concat([t.assign(experiment=e.tag) for e, t in shifts]).to_csv(files[1], index=False)
+    return files
 
 
 def _kde_figure(runs: list[Run], prefix: str) -> tuple[Figure | None, str]:

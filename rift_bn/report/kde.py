@@ -27,11 +27,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pandas as pd
+from scipy.stats import wasserstein_distance
 
 from rift_bn.report.bn_outputs import BNOutputs
 from rift_bn.report.collect import Run, attack_text, bn_stats_order, check_one_experiment
 
-__all__ = ["FINETUNED", "KDEPlan", "bn_stats_text", "kde_samples", "plan_kde"]
+__all__ = ["FINETUNED", "KDEPlan", "bn_shift", "bn_stats_text", "kde_samples", "plan_kde"]
 
 MAX_LAYERS = 4
 # samples[layer] keys of the fine-tuned models themselves (alpha = 1), by the theta(alpha*) key they belong to
@@ -78,6 +80,20 @@ def _pick(runs: list[Run], method: str) -> Run:
     return min(runs, key=lambda r: bn_stats_order(method, r.bn_stats))
 
 
+def _pairs(runs: list[Run]) -> dict[tuple[int, int, str], tuple[Run, Run]]:
+    """``{(k, seed, estimator): (RiFT run, RiFT-with-BN run)}`` for every such pair, each method's default
+    ``finetune.bn_stats`` first (:func:`_pick`)."""
+    by_key: dict[tuple[int, int, str], dict[str, list[Run]]] = {}
+    for r in runs:
+        if r.method in ("rift", "rift_bn") and r.k is not None:
+            by_key.setdefault((r.k, r.seed, r.estimator), {}).setdefault(r.method, []).append(r)
+    return {
+        key: (_pick(p["rift"], "rift"), _pick(p["rift_bn"], "rift_bn"))
+        for key, p in by_key.items()
+        if len(p) == 2
+    }
+
+
 def plan_kde(runs: list[Run]) -> tuple[KDEPlan | None, str]:
     """Pick the RiFT / RiFT-with-BN pair (largest k with both, then lowest seed, exact MRC first) and layers.
 
@@ -90,34 +106,31 @@ def plan_kde(runs: list[Run]) -> tuple[KDEPlan | None, str]:
         check_one_experiment(runs, "Figure 3")
     except ValueError as exc:
         return None, str(exc)
-    pairs: dict[tuple, dict[str, list[Run]]] = {}
-    for r in runs:
-        if r.method in ("rift", "rift_bn") and r.k is not None:
-            pairs.setdefault((r.k, r.seed, r.estimator), {}).setdefault(r.method, []).append(r)
-    both = [key for key, p in pairs.items() if len(p) == 2]
-    if not both:
+    pairs = _pairs(runs)
+    if not pairs:
         return None, "no RiFT and RiFT-with-BN runs with the same k and seed"
-    key = max(both, key=lambda t: (t[0], -t[1], t[2] == "exact"))
-    rift, rift_bn = (_pick(pairs[key][m], m) for m in ("rift", "rift_bn"))
-    layers = [s["name"] for s in rift_bn.results.selected if s["type"] == "bn"][:MAX_LAYERS]
-    notes: dict[str, str] = {}
+    key = max(pairs, key=lambda t: (t[0], -t[1], t[2] == "exact"))
+    rift, rift_bn = pairs[key]
+    layers, notes = _shown_layers(rift_bn)
     if not layers:
-        bn_rows = sorted(
-            (
-                row
-                for row in rift_bn.results.mrc
-                if row["type"] == "bn" and row.get("status", "exact") == "exact"  # not a bound
-            ),
-            key=lambda r: r["mrc"],
+        return (
+            None,
+            f"the RiFT-with-BN run (k={key[0]}) selected no BN layer and has no BN rows in its MRC table",
         )
-        if not bn_rows:
-            return (
-                None,
-                f"the RiFT-with-BN run (k={key[0]}) selected no BN layer and has no BN rows in its MRC table",
-            )
-        layers = [bn_rows[0]["name"]]
-        notes[layers[0]] = "not selected; lowest-MRC BN layer"
-    return KDEPlan(rift, rift_bn, layers, notes), ""
+    return KDEPlan(rift, rift_bn, layers[:MAX_LAYERS], notes), ""
+
+
+def _shown_layers(rift_bn: Run) -> tuple[list[str], dict[str, str]]:
+    """The BN layers a RiFT-with-BN run selected (lowest MRC first); if none, its lowest-MRC exact BN row,
+    noted; ``([], {})`` when it has neither."""
+    layers = [s["name"] for s in rift_bn.results.selected if s["type"] == "bn"]
+    if layers:
+        return layers, {}
+    exact_bn = [r for r in rift_bn.results.mrc if r["type"] == "bn" and r.get("status", "exact") == "exact"]
+    if not exact_bn:  # only bounds, or no BN row
+        return [], {}
+    lowest = min(exact_bn, key=lambda r: r["mrc"])["name"]
+    return [lowest], {lowest: "not selected; lowest-MRC BN layer"}
 
 
 def _saved(r: Run, label: str) -> BNOutputs:
@@ -166,3 +179,31 @@ def bn_stats_text(plan: KDEPlan) -> str:
     """``finetune.bn_stats: RiFT all, RiFT with BN selected`` (the runs' finetune.bn_stats)."""
     modes = [(label, r.bn_stats) for label, r in (("RiFT", plan.rift), ("RiFT with BN", plan.rift_bn))]
     return "finetune.bn_stats: " + ", ".join(f"{label} {mode}" for label, mode in modes)
+
+
+def bn_shift(runs: list[Run]) -> pd.DataFrame:
+    """Figure 3 in numbers, for every (k, seed) with a RiFT and a RiFT-with-BN run of one experiment: how far
+    each model's outputs at the BN layers Figure 3 shows (all of them, not only the first four) moved from
+    the base model's on the same adversarial examples. ``shift`` is the 1-D Wasserstein distance between the
+    two samples of values in units of the base's standard deviation, averaged over those layers; rows per
+    (k, seed, model) for the models of :func:`kde_samples`, the fine-tuned ones always present (alpha* = 1:
+    the final model). Pairs without saved outputs are left out; empty when there are none."""
+    check_one_experiment(runs, "bn_shift")
+    rows = []
+    for (k, seed, _), (rift, rift_bn) in sorted(_pairs(runs).items()):
+        layers = _shown_layers(rift_bn)[0]
+        try:
+            samples = kde_samples(KDEPlan(rift, rift_bn, layers)) if layers else {}
+        except (OSError, ValueError):  # no saved outputs, or not on the same examples: nothing to measure
+            samples = {}
+        for label, fine_tuned in FINETUNED.items() if samples else ():
+            for model in (label, fine_tuned):
+                shifts = []
+                for values in samples.values():
+                    init = values["init"].astype(np.float64)
+                    moved = values.get(model, values[label]).astype(np.float64)
+                    shifts.append(wasserstein_distance(init, moved) / init.std())
+                rows.append(
+                    {"k": k, "seed": seed, "model": model, "layers": len(layers), "shift": np.mean(shifts)}
+                )
+    return pd.DataFrame(rows, columns=["k", "seed", "model", "layers", "shift"])

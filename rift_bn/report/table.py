@@ -364,13 +364,13 @@ def _nan(v: Any) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def fmt(mean: float, std: float, signed: bool = False) -> str:
+def fmt(mean: float, std: float, signed: bool = False, digits: int = 2) -> str:
     """``81.45 ± 0.12`` (std omitted when NaN), ``+1.69`` for deltas, ``–`` when there is no value."""
     if _nan(mean):
         return "–"
-    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     if not _nan(std):
-        text += f" ± {std:.2f}"
+        text += f" ± {std:.{digits}f}"
     return text
 
 
