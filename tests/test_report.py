@@ -466,6 +466,8 @@ def test_figures_per_experiment_and_mixing_refused(two_scales: Path) -> None:
     fig = figures[f"fig_interpolation_{cpu}"]
     assert "scale=cpu" in fig._suptitle.get_text() and "RiFT, k=1 (n=3)" in _legend_texts(fig)
     assert _legend_texts(figures[f"fig_layer_types_{cpu}"]) == ["BN only", "Conv/Linear only", "Full"]  # n=1
+    axes = figures[f"fig_layer_types_{cpu}"].get_axes()[:2]  # each panel names its quantity
+    assert [ax.get_ylabel() for ax in axes] == ["Clean accuracy (%)", "Robust (PGD) accuracy (%)"]
 
     # only one experiment of the setting has layer-type runs: its figure keeps the plain stem
     some = [

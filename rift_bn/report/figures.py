@@ -142,7 +142,7 @@ def plot_layer_types(runs: list[Run], title: str | None = None) -> Figure:
     with style():
         fig = Figure(figsize=(FULL_WIDTH, 2.6), layout="constrained")
         axes = fig.subplots(1, 2)
-        for ax, metric, label in zip(
+        for ax, metric, quantity in zip(
             axes, ("clean_acc", "robust_acc"), ("Clean", "Robust (PGD)"), strict=True
         ):
             for m in order:
@@ -162,7 +162,7 @@ def plot_layer_types(runs: list[Run], title: str | None = None) -> Figure:
                 if n > 1:
                     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
             ax.set_xlabel("Fine-tuning epoch (0 = base)")
-            _percent_axes(ax, f"{label} accuracy (%)")
+            _percent_axes(ax, f"{quantity} accuracy (%)")
             ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
         handles, labels = axes[0].get_legend_handles_labels()
         if any(len(c) > 1 for c in by_method.values()):
