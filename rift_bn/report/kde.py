@@ -193,10 +193,12 @@ def bn_shift(runs: list[Run]) -> pd.DataFrame:
     for (k, seed, _), (rift, rift_bn) in sorted(_pairs(runs).items()):
         layers = _shown_layers(rift_bn)[0]
         try:
-            samples = kde_samples(KDEPlan(rift, rift_bn, layers)) if layers else {}
+            samples = kde_samples(KDEPlan(rift, rift_bn, layers))
         except (OSError, ValueError):  # no saved outputs, or not on the same examples: nothing to measure
-            samples = {}
-        for label, fine_tuned in FINETUNED.items() if samples else ():
+            continue
+        if not samples:  # no BN layer to show
+            continue
+        for label, fine_tuned in FINETUNED.items():
             for model in (label, fine_tuned):
                 shifts = []
                 for values in samples.values():
