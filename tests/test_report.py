@@ -23,6 +23,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection
 from matplotlib.container import BarContainer
 
@@ -1334,6 +1335,26 @@ def test_equal_interpolation_curves_and_stars_stay_visible(sweep: Path) -> None:
         stars = [tuple(c.get_offsets()[0]) for c in ax.collections if isinstance(c, PathCollection)]
         assert len(stars) == 4 and len(set(stars)) == 4
     assert any("offset" in t for t in _legend_texts(fig))
+
+
+def test_interpolation_axis_labels_clear_the_title_with_a_long_legend(sweep: Path) -> None:
+    """Ten curves (both methods, k = 1..5) make a five-row legend: the figure grows so that each panel's
+    y label stays below the title and above the legend."""
+    runs = [r for r in load_runs([sweep], log=lambda _: None) if r.method in ("rift", "rift_bn")]
+    many = [
+        _with(r, experiment=dataclasses.replace(r.results.experiment, k=k))
+        for r in {r.method: r for r in runs}.values()
+        for k in range(1, 6)
+    ]
+    fig = plot_interpolation(many)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)  # constrained layout places the axes
+    title = fig._suptitle.get_window_extent(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    labels = [ax.yaxis.label.get_window_extent(renderer) for ax in fig.get_axes()]
+    assert len(labels) == 2 and sum("k=" in t for t in _legend_texts(fig)) == 10
+    for box in labels:
+        assert box.y1 < title.y0 and box.y0 > legend.y1
 
 
 def test_readme_headless_notebook_command_works(two_scales: Path) -> None:

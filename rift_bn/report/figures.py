@@ -203,8 +203,11 @@ def plot_interpolation(runs: list[Run], title: str | None = None) -> Figure:
     # is shifted a little sideways and gets its own marker, so no line or star hides another.
     step = min(0.015, DODGE_SPAN / (len(keys) - 1)) if len(keys) > 1 else 0.0
     dodge = {key: step * (i - (len(keys) - 1) / 2) for i, key in enumerate(keys)}
+    # the legend below takes a row per curve of its longest column: the figure grows with it, so the axes
+    # keep room for their labels
+    rows = max(2, *(sum((m, b) == mb for m, b, _, _ in keys) for mb in methods))
     with style():
-        fig = Figure(figsize=(FULL_WIDTH, 2.8), layout="constrained")
+        fig = Figure(figsize=(FULL_WIDTH, 2.2 + 0.2 * rows), layout="constrained")
         axes = fig.subplots(1, 2)
         columns: list[list[tuple[object, str]]] = []
         for method, mode in methods:
