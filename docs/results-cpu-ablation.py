@@ -1,49 +1,35 @@
 """docs/results-cpu.md's paired ablation table: RiFT with BN's default (``finetune.bn_stats=selected``:
 statistics and affine parameters) minus each ablation (``bn_stats=none``: affine only; ``lr=0``: statistics
 only), the final models of the same k and seed on the same test images, pooled over seeds (images x seeds),
-with rift_bn.stats' paired bootstrap CI and exact McNemar p.
+with the report's paired statistics (rift_bn.stats) and formatting.
 
 Usage: python docs/results-cpu-ablation.py STUDY_FOLDER"""
 
-import json
 import sys
-from collections import defaultdict
-from pathlib import Path
 
 import numpy as np
 
+from rift_bn.report.collect import Run, load_runs
+from rift_bn.report.table import PAIRED, fmt_paired
 from rift_bn.stats import paired_stats, pooled
 
-runs: dict[tuple[str, int], dict[int, Path]] = defaultdict(dict)  # (variant, k) -> seed -> job folder
-for f in sorted(Path(sys.argv[1]).rglob("results.json")):
-    r = json.loads(f.read_text())
-    if r["method"] != "rift_bn" or r["k"] is None or r["experiment"]["name"] != "topk":
-        continue
-    variant = r["bn_stats"] + ("" if r["config"]["finetune"]["lr"] else ", lr=0")
-    runs[(variant, r["k"])][r["seed"]] = f.parent
-
-
-def final(folder: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """The final model's per-image outcomes and their test indices, in test-index order."""
-    with np.load(folder / "outcomes.npz") as o:
-        order = np.argsort(o["test_index"])
-        return o["test_index"][order], o[f"final_{metric}"][order]
-
-
-def pair(a: Path, b: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    (ia, oa), (ib, ob) = final(a, metric), final(b, metric)
-    if not np.array_equal(ia, ib):
-        raise SystemExit(f"{a} and {b} were scored on different test images")
-    return oa, ob
-
+cells: dict[tuple[str, int], dict[int, Run]] = {}  # (variant, k) -> seed -> run
+for r in load_runs([sys.argv[1]], log=lambda _: None):
+    if r.method == "rift_bn" and r.experiment.name == "topk":
+        variant = r.bn_stats + ("" if r.results.config["finetune"]["lr"] else ", lr=0")
+        cells.setdefault((variant, r.k), {})[r.seed] = r
 
 for other in ("none", "selected, lr=0"):
-    for k in sorted({k for v, k in runs if v == other}):
-        seeds = sorted(runs[(other, k)].keys() & runs[("selected", k)].keys())
-        cells = []
-        for metric in ("clean", "robust"):
-            pairs = [pair(runs[(other, k)][s], runs[("selected", k)][s], metric) for s in seeds]
-            st = paired_stats(pooled([b for b, _ in pairs]), pooled([a for _, a in pairs]))
-            ci = f"[{st['ci_low']:+.2f}, {st['ci_high']:+.2f}]"
-            cells.append(f"{st['delta']:+.2f} {ci} p={st['p_value']:.2g}")
-        print(f"| {k} | selected − {other} | {len(seeds)} | {' | '.join(cells)} |")
+    for k in sorted(k for v, k in cells if v == other):
+        pairs = [(cells[(other, k)][s], cells[("selected", k)].get(s)) for s in sorted(cells[(other, k)])]
+        if any(b is None or not np.array_equal(a.test_index, b.test_index) for a, b in pairs):
+            raise SystemExit(f"k={k}: a seed without the default run, or scored on other test images")
+        row = {}
+        for m in PAIRED:
+            st = paired_stats(
+                pooled([a.correct("final", m) for a, _ in pairs]),
+                pooled([b.correct("final", m) for _, b in pairs]),
+            )
+            row |= {f"paired_{m}_{f}": st[f] for f in ("delta", "ci_low", "ci_high", "p_value")}
+        stats = " | ".join(fmt_paired(row, m) for m in PAIRED)
+        print(f"| {k} | selected − {other} | {len(pairs)} | {stats} |")
